@@ -1,0 +1,35 @@
+# The two commands of README.md. Each sets up what it needs on a fresh machine.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-slow lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU wheel on disk; a plain `torch` can pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	snakemake --cores 2
+
+test: $(STAMP)
+	tests/services/install.sh
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
+
+test-slow: $(STAMP)
+	tests/services/install.sh
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	snakemake --lint
+	snakefmt --check Snakefile rules/
+
+clean:
+	rm -rf results .snakemake

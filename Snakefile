@@ -1,0 +1,28 @@
+# moegate: build the gate of a Mixture of RAG experts from the experts' knowledge bases.
+#   snakemake --cores 2                                   # the embedded demo, on this machine
+#   snakemake --workflow-profile slurm_profile            # every heavy rule as a Slurm job
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, schema="workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/ingest.smk"
+include: "rules/cluster.smk"
+include: "rules/synthesize.smk"
+include: "rules/dataset.smk"
+include: "rules/train_backbone.smk"
+include: "rules/tune.smk"
+include: "rules/train_router.smk"
+include: "rules/evaluate.smk"
+
+
+rule all:
+    input:
+        final_outputs(),

@@ -1,0 +1,15 @@
+rule cluster:
+    input:
+        str(L.kb("{expert}")),
+    output:
+        assignments=str(L.clusters("{expert}")),
+        summary=str(L.cluster_summary("{expert}")),
+        plot=report(
+            str(L.cluster_plot("{expert}")),
+            caption="../workflow/report/cluster.rst",
+            category="Clusters",
+        ),
+    log:
+        str(L.logs / "cluster" / "{expert}.log"),
+    shell:
+        "moegate cluster --config {CONFIG:q} --expert {wildcards.expert} 2> {log:q}"

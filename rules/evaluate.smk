@@ -1,0 +1,21 @@
+rule evaluate:
+    input:
+        rules.train_router.output,
+        rules.train_backbone.output,
+        str(L.split("test")),
+    output:
+        metrics=str(L.router / "metrics.json"),
+        exit_layers=report(
+            str(L.evaluation / "exit_layers.png"),
+            caption="../workflow/report/exit_layers.rst",
+            category="Router",
+        ),
+        confusion=report(
+            str(L.evaluation / "confusion.png"),
+            caption="../workflow/report/confusion.rst",
+            category="Router",
+        ),
+    log:
+        str(L.logs / "evaluate.log"),
+    shell:
+        "moegate evaluate --config {CONFIG:q} 2> {log:q}"

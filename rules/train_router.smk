@@ -1,0 +1,15 @@
+rule train_router:
+    input:
+        rules.dataset.output,
+        rules.train_backbone.output,
+        [str(L.tuned(s)) for s in ("submodels", "training", "lambda")],
+    output:
+        model=str(L.router / "model.safetensors"),
+        config=str(L.router / "config.json"),
+        training=str(L.router / "training.json"),
+    log:
+        str(L.logs / "train_router.log"),
+    benchmark:
+        str(L.logs / "train_router.benchmark.tsv")
+    shell:
+        "moegate train-router --config {CONFIG:q} 2> {log:q}"

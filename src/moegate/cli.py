@@ -1,0 +1,138 @@
+"""The ``moegate`` command line: one subcommand per workflow rule, plus route and serve.
+
+Every stage takes ``--config`` (the same YAML the Snakefile reads) and writes to the results layout
+in :mod:`moegate.layout`. Modules are imported inside each command so ``moegate --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from moegate.config import ConfigError, load
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="moegate: the gate of a Mixture of RAG experts.")
+
+ConfigOpt = typer.Option(Path("config.yaml"), "--config", "-c", help="run configuration (YAML)")
+
+
+def _config(path: Path) -> dict:
+    try:
+        return load(path)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def ingest(expert: str = typer.Option(..., help="expert name from config.experts"), config: Path = ConfigOpt) -> None:
+    """Read one expert's knowledge base into kb/{expert}.parquet."""
+    from moegate.ingest import ingest as run
+
+    run(_config(config), expert)
+
+
+@app.command()
+def cluster(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
+    """PCA + HDBSCAN over one expert's chunk embeddings."""
+    from moegate.cluster import cluster as run
+
+    run(_config(config), expert)
+
+
+@app.command()
+def synthesize(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
+    """Write likely student questions for each context of one expert's clusters."""
+    from moegate.synthesize import synthesize as run
+
+    run(_config(config), expert)
+
+
+@app.command()
+def dataset(config: Path = ConfigOpt) -> None:
+    """Merge, deduplicate, split (grouped by context) and tokenize the queries."""
+    from moegate.dataset import dataset as run
+
+    run(_config(config))
+
+
+@app.command("train-backbone")
+def train_backbone(config: Path = ConfigOpt) -> None:
+    """Fine-tune the backbone classifier (resumes from its last checkpoint)."""
+    from moegate.train_backbone import train_backbone as run
+
+    run(_config(config))
+
+
+@app.command()
+def tune(
+    study: str = typer.Argument(..., help="backbone | submodels | training | lambda"),
+    config: Path = ConfigOpt,
+    worker: Optional[int] = typer.Option(None, help="run one worker in this process (what a Snakemake job does)"),
+    workers: Optional[int] = typer.Option(None, help="launch N workers (default tuning.workers)"),
+    launcher: str = typer.Option("slurm", help="slurm (submitit job array) | local (processes here)"),
+    collect: bool = typer.Option(False, "--collect", help="write tuning/{study}.json from the finished study"),
+) -> None:
+    """Run Optuna workers for one study, or collect its best values."""
+    from moegate import tune as tuning
+
+    cfg = _config(config)
+    if collect:
+        tuning.collect(cfg, study)
+    elif worker is not None:
+        tuning.worker(cfg, study, worker)
+    else:
+        tuning.launch(cfg, study, workers=workers, launcher=launcher, config_path=config)
+
+
+@app.command("train-router")
+def train_router(config: Path = ConfigOpt) -> None:
+    """Train the DACT router from the fine-tuned backbone and the tuned values."""
+    from moegate.train_router import train_router as run
+
+    run(_config(config))
+
+
+@app.command()
+def evaluate(config: Path = ConfigOpt) -> None:
+    """Score the router, its full-depth self and the backbone on the test split."""
+    from moegate.evaluate import evaluate as run
+
+    run(_config(config))
+
+
+@app.command()
+def route(
+    questions: List[str] = typer.Argument(..., help="questions to route"),
+    router: Path = typer.Option(..., "--router", help="a router directory (results/router)"),
+    top_k: Optional[int] = typer.Option(None, help="keep only the k most likely experts in .distribution"),
+    abstain_below: Optional[float] = typer.Option(None, help="expert=null below this top probability"),
+) -> None:
+    """Route questions; print one JSON object per question."""
+    from moegate.router import Router
+
+    gate = Router.from_pretrained(router)
+    for q, r in zip(questions, gate.route(questions, top_k=top_k, abstain_below=abstain_below)):
+        typer.echo(json.dumps({"question": q, **r.to_dict()}))
+
+
+def run() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,107 @@
+"""The results layout: where every stage reads and writes inside one run's results dir.
+
+Both the Snakemake rules (``rules/common.smk``) and the CLI take their paths from here, so a stage
+run by hand writes exactly what the workflow expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STUDIES = ("backbone", "submodels", "training", "lambda")
+
+
+@dataclass(frozen=True)
+class Layout:
+    results: Path
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Layout":
+        return cls(Path(config.get("results", "results")))
+
+    # -- data stages --------------------------------------------------------------------------
+    def kb(self, expert: str) -> Path:
+        return self.results / "kb" / f"{expert}.parquet"
+
+    def kb_report(self, expert: str) -> Path:
+        return self.results / "kb" / f"{expert}.report.json"
+
+    def clusters(self, expert: str) -> Path:
+        return self.results / "clusters" / f"{expert}.parquet"
+
+    def cluster_summary(self, expert: str) -> Path:
+        return self.results / "clusters" / f"{expert}.json"
+
+    def cluster_plot(self, expert: str) -> Path:
+        return self.results / "clusters" / f"{expert}.png"
+
+    def queries(self, expert: str) -> Path:
+        return self.results / "queries" / f"{expert}.parquet"
+
+    def queries_report(self, expert: str) -> Path:
+        return self.results / "queries" / f"{expert}.report.json"
+
+    @property
+    def llm_cache(self) -> Path:
+        """Raw LLM replies keyed by request hash; survives failed jobs (not a rule output)."""
+        return self.results / "cache" / "llm"
+
+    @property
+    def dataset(self) -> Path:
+        return self.results / "dataset"
+
+    def split(self, name: str) -> Path:
+        return self.dataset / f"{name}.parquet"
+
+    def tokens(self, name: str) -> Path:
+        return self.dataset / "tokenized" / f"{name}.safetensors"
+
+    @property
+    def labels(self) -> Path:
+        return self.dataset / "labels.json"
+
+    @property
+    def dataset_report(self) -> Path:
+        return self.dataset / "report.json"
+
+    # -- model stages -------------------------------------------------------------------------
+    @property
+    def backbone(self) -> Path:
+        return self.results / "backbone"
+
+    @property
+    def router(self) -> Path:
+        return self.results / "router"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Resume state of training jobs; kept out of rule outputs so a failed job keeps it."""
+        return self.results / "checkpoints"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.results / "evaluation"
+
+    # -- tuning -------------------------------------------------------------------------------
+    @property
+    def tuning(self) -> Path:
+        return self.results / "tuning"
+
+    def tuned(self, study: str) -> Path:
+        return self.tuning / f"{study}.json"
+
+    def worker_done(self, study: str, worker: int | str) -> Path:
+        return self.tuning / study / f"worker{worker}.done"
+
+    @property
+    def journal(self) -> Path:
+        return self.tuning / "optuna.journal"
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.results / "config.resolved.yaml"
+
+    @property
+    def logs(self) -> Path:
+        return self.results / "logs"
