@@ -1,0 +1,89 @@
+"""Shared fixtures: a small valid config, tiny random-weight backbones, and quiet CPU threading."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # 2-core machines run several test processes; one thread each keeps them from thrashing
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    yield
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    """A valid config for a run under tmp_path/results; keyword args replace whole top-level keys."""
+    config = {
+        "results": str(tmp_path / "results"),
+        "experts": {
+            "dsci_101": {"source": str(DEMO / "dsci_101_data.jsonl")},
+            "dsci_dl_510": {"source": str(DEMO / "dsci_dl_510_data.jsonl")},
+            "dsci_vis_510": {"source": str(DEMO / "dsci_vis_510_data.jsonl")},
+        },
+    }
+    config.update(sections)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    return write_config(tmp_path)
+
+
+def _minilm_tokenizer_dir() -> Path:
+    from moegate.encoder import resolve_model
+
+    return Path(resolve_model("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 3-layer, hidden-32 random BertModel saved with MiniLM's (real) tokenizer: builds in ~1 s."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(_minilm_tokenizer_dir()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, dim-32 random DistilBertModel with MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    out = tmp_path_factory.mktemp("tiny_distilbert")
+    cfg = DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                           max_position_embeddings=128)
+    DistilBertModel(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(_minilm_tokenizer_dir()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def demo_copy(tmp_path) -> Path:
+    """The shipped demo KBs copied to tmp (tests may damage their copy)."""
+    dst = tmp_path / "demo"
+    shutil.copytree(DEMO, dst)
+    return dst

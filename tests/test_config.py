@@ -1,0 +1,63 @@
+import pytest
+import yaml
+
+from moegate.config import ConfigError, load
+
+from conftest import REPO, write_config
+
+
+def test_shipped_config_is_valid_and_gets_defaults():
+    cfg = load(REPO / "config.yaml")
+    assert set(cfg["experts"]) == {"dsci_101", "dsci_dl_510", "dsci_vis_510"}
+    assert cfg["synthesize"]["backend"] == "offline"
+    assert cfg["tuning"]["lambda"]["accuracy_tolerance"] == 0.005
+
+
+def test_defaults_fill_missing_sections(config_path):
+    cfg = load(config_path)
+    assert cfg["cluster"]["noise"] == "attach"
+    assert cfg["synthesize"]["openai"]["max_retries"] == 3
+    assert cfg["router"]["head"]["activation"] == "gelu"
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    path = write_config(tmp_path, cluster={"min_cluster_sise": 4})
+    with pytest.raises(ConfigError, match=r"cluster: Additional properties .*min_cluster_sise"):
+        load(path)
+
+
+def test_wrong_type_names_its_path(tmp_path):
+    path = write_config(tmp_path, synthesize={"openai": {"concurrency": "four"}})
+    with pytest.raises(ConfigError, match=r"synthesize\.openai\.concurrency: 'four' is not of type 'integer'"):
+        load(path)
+
+
+def test_bad_enum_and_missing_experts(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"cluster": {"noise": "ignore"}}))
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert "'experts' is a required property" in str(e.value)
+    assert "cluster.noise" in str(e.value)
+
+
+def test_overlap_must_be_below_chunk(tmp_path):
+    path = write_config(tmp_path, ingest={"chunk_tokens": 32, "chunk_overlap": 32})
+    with pytest.raises(ConfigError, match="chunk_overlap"):
+        load(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experts: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(bad)
+
+
+def test_overrides_apply_before_validation(config_path):
+    cfg = load(config_path, overrides={"cluster.min_cluster_size": 7})
+    assert cfg["cluster"]["min_cluster_size"] == 7
+    with pytest.raises(ConfigError, match="cluster.min_cluster_size"):
+        load(config_path, overrides={"cluster.min_cluster_size": "x"})
