@@ -10,5 +10,11 @@ rule dataset:
         tokens=expand(str(L.tokens("{split}")), split=["train", "val", "test"]),
     log:
         str(L.logs / "dataset.log"),
+    benchmark:
+        str(L.logs / "dataset.benchmark.tsv")
+    conda:
+        "../envs/moegate.yaml"
+    params:
+        config=CONFIG,
     shell:
-        "moegate dataset --config {CONFIG:q} 2> {log:q}"
+        "moegate dataset --config {params.config:q} 2> {log:q}"

@@ -3,6 +3,8 @@ rule evaluate:
         rules.train_router.output,
         rules.train_backbone.output,
         str(L.split("test")),
+        str(L.tokens("test")),
+        str(L.labels),
     output:
         metrics=str(L.router / "metrics.json"),
         exit_layers=report(

@@ -87,3 +87,51 @@ def demo_copy(tmp_path) -> Path:
     dst = tmp_path / "demo"
     shutil.copytree(DEMO, dst)
     return dst
+
+
+# -- training stages (train_backbone, train_router, evaluate): a tiny labelled run ----------------
+TINY_TOPICS = {  # a few words only one expert's questions use, so a tiny random model can learn them
+    "dsci_101": ["median", "variance", "sample", "histogram", "mean", "survey", "spreadsheet", "average"],
+    "dsci_dl_510": ["gradient", "neuron", "backpropagation", "layer", "tensor", "epoch", "dropout", "optimizer"],
+    "dsci_vis_510": ["chart", "colour", "axis", "legend", "scatterplot", "palette", "dashboard", "encoding"],
+}
+
+
+def tiny_questions(per_expert: int = 24, seed: int = 0) -> list[tuple[str, str]]:
+    """(question, expert) pairs built from TINY_TOPICS; deterministic for a seed."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for expert, words in TINY_TOPICS.items():
+        for _ in range(per_expert):
+            a, b = rng.sample(words, 2)
+            rows.append((f"how does the {a} relate to the {b} in question {rng.randint(1, 999)}?", expert))
+    return rows
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_bert_dir) -> dict:
+    """A validated config (tiny_bert_dir backbone, CPU, 2 epochs) whose results dir holds a real dataset
+    stage output for 72 labelled questions (moegate.dataset with dataset.labelled_csv)."""
+    import csv
+
+    from moegate.config import load
+    from moegate.dataset import dataset
+
+    questions = tmp_path / "questions.csv"
+    with questions.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "expert"])
+        writer.writerows(tiny_questions())
+    loop = {"learning_rate": 3.0e-3, "batch_size": 8, "epochs": 2, "warmup_ratio": 0.1}
+    path = write_config(
+        tmp_path,
+        device="cpu",
+        dataset={"labelled_csv": str(questions), "val_fraction": 0.2, "test_fraction": 0.2, "max_length": 24},
+        backbone={"model": str(tiny_bert_dir), **loop},
+        router={"head": {"projection_dim": 16, "width": 16}, **loop, "lambda_": 0.01},
+    )
+    config = load(path)
+    dataset(config)
+    return config

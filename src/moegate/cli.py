@@ -41,17 +41,27 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logg
 @app.command()
 def ingest(expert: str = typer.Option(..., help="expert name from config.experts"), config: Path = ConfigOpt) -> None:
     """Read one expert's knowledge base into kb/{expert}.parquet."""
+    from moegate.ingest import IngestError
     from moegate.ingest import ingest as run
 
-    run(_config(config), expert)
+    try:
+        run(_config(config), expert)
+    except IngestError as e:  # a data problem: its message says what and where; no traceback
+        typer.echo(f"moegate ingest: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
 def cluster(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
     """PCA + HDBSCAN over one expert's chunk embeddings."""
+    from moegate.cluster import ClusterError
     from moegate.cluster import cluster as run
 
-    run(_config(config), expert)
+    try:
+        run(_config(config), expert)
+    except ClusterError as e:
+        typer.echo(f"moegate cluster: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -86,13 +96,16 @@ def tune(
     workers: Optional[int] = typer.Option(None, help="launch N workers (default tuning.workers)"),
     launcher: str = typer.Option("slurm", help="slurm (submitit job array) | local (processes here)"),
     collect: bool = typer.Option(False, "--collect", help="write tuning/{study}.json from the finished study"),
+    create: bool = typer.Option(False, "--create", help="create the study in the storage (before workers start)"),
 ) -> None:
-    """Run Optuna workers for one study, or collect its best values."""
+    """Run Optuna workers for one study, or create it, or collect its best values."""
     from moegate import tune as tuning
 
     cfg = _config(config)
     if collect:
         tuning.collect(cfg, study)
+    elif create:
+        tuning.create(cfg, study)
     elif worker is not None:
         tuning.worker(cfg, study, worker)
     else:

@@ -1,0 +1,379 @@
+"""The DACT router model: a Hugging Face encoder run layer by layer with a DACT unit after every layer.
+
+Everything the forward pass needs is in this file (the transformers habit). The math, for layers
+n = 1..N on the [CLS] hidden state c_n (position 0 after layer n):
+
+    u_n = dropout(act(W c_n))             W: one projection shared by all layers
+    y_n = softmax(f_n(u_n))               f_n: layer n's classifier head, K experts
+    h_n = sigmoid(g_n(u_n))               g_n: layer n's halting head
+    p_0 = 1, a_0 = 0
+    p_n = h_n · p_{n-1}
+    a_n = y_n · p_{n-1} + a_{n-1} · (1 − p_{n-1})
+
+Training runs all N layers and minimises NLL(log a_N) + λ · mean_batch(Σ_n p_n). Inference halts
+sample i after layer n (d = N − n layers left, c* the top class of a_n, c_ru the runner-up) when
+
+    a_n[c*] · (1 − p_n)^d ≥ a_n[c_ru] + d · p_n
+
+Because p only shrinks, the remaining layers can add at most d·p_n to any class and can scale the
+leader down by at most (1 − p_n)^d, so the top class of a_N is c*: the early answer is the
+full-depth answer, per sample. Halted rows leave the batch before the next layer runs.
+
+Design choices (see also the module constants):
+- W is shared across layers, as DESIGN says: it maps every depth's [CLS] into one gate space and
+  costs hidden×projection_dim once (768×256 on DistilBERT) instead of N times. The classifier and
+  halting heads are per layer, because [CLS] means different things at different depths and the
+  halting decision after layer 1 needs a different calibration than after layer 5.
+- The recursion runs in log space in float32 (even under autocast): log a_n via logaddexp, and
+  log(1 − p) via expm1, so a_N never underflows to log(0) and p ≈ 1 keeps an exact 1 − p.
+- Trailing padding columns that no row attends to are cut off before the layers run (and again
+  each time rows leave the batch), so a short question padded to max_length costs what it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+# Halting heads start with h_n = sigmoid(1.0) ≈ 0.73 for every input (zero output weights). Then
+# p_n = 0.73^n spreads a_N's weight over layers 2..N (≈ 0.04 / 0.12 / 0.18 / 0.22 / 0.22 / 0.21 on
+# 6 layers), so every layer's classifier gets gradient and nothing halts at layer 1 before the heads
+# have learned anything. A bias ≤ 0 would put ~30 % of the weight on layer 1 from the start; a large
+# one (h ≈ 1) would starve the early classifiers of gradient.
+HALTING_BIAS_INIT = 1.0
+
+# log p is clamped just below 0 before log(1 − p): keeps log(1 − p) finite (≥ −69) when the halting
+# head saturates, which would otherwise give −inf and NaN gradients.
+_LOG_P_MAX = -1e-30
+
+EXIT_RULE = {
+    "name": "dact_bound",
+    "formula": "a_n[c*] * (1 - p_n)^d >= a_n[c_ru] + d * p_n, d = N - n",
+    "description": "halt sample after layer n when the top class of a_n cannot change in the d layers left",
+}
+
+# model_type -> how to reach (embeddings, layer list); all of these use the bidirectional mask helper
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")
+_SUPPORTED = _BERT_LIKE + ("distilbert",)
+
+
+@dataclass
+class HeadConfig:
+    """The DACT unit's shape; the keys are config ``router.head`` (``HeadConfig(**section)``)."""
+
+    projection_dim: int = 256  # u_n = act(W c_n): a small shared gate space, cheap on 768-d backbones
+    depth: int = 1  # hidden layers in each classifier / halting head; 0 = one linear map
+    width: int = 128  # units per hidden layer
+    dropout: float = 0.1  # on u_n and after every hidden layer (training only)
+    batch_norm: bool = False  # BatchNorm1d after hidden layers; needs training batches of ≥ 2
+    activation: str = "gelu"  # relu | gelu | tanh, for the projection and the hidden layers
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"router.head.activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        for key in ("projection_dim", "width"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"router.head.{key}: expected a positive integer, got {getattr(self, key)!r}")
+        if int(self.depth) < 0:
+            raise ValueError(f"router.head.depth: expected an integer ≥ 0, got {self.depth!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"router.head.dropout: expected a number in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DactOutput:
+    """All-layer outputs of one batch (N layers, B rows, K experts)."""
+
+    log_a: torch.Tensor  # (B, K) log a_N: the training target's log-probabilities
+    a: torch.Tensor  # (N, B, K) a_n: the accumulated answer after each layer (rows sum to 1)
+    y: torch.Tensor  # (N, B, K) y_n: each layer's own classifier distribution
+    h: torch.Tensor  # (N, B) h_n: halting values
+    p: torch.Tensor  # (N, B) p_n = Π h: probability mass still "running" after layer n
+
+
+class _Head(nn.Sequential):
+    """``depth`` × (Linear → [BatchNorm1d] → act → Dropout), then Linear to ``out``."""
+
+    def __init__(self, in_dim: int, out: int, cfg: HeadConfig):
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(int(cfg.depth)):
+            layers.append(nn.Linear(dim, cfg.width))
+            if cfg.batch_norm:
+                layers.append(nn.BatchNorm1d(cfg.width))
+            layers += [ACTIVATIONS[cfg.activation](), nn.Dropout(cfg.dropout)]
+            dim = cfg.width
+        layers.append(nn.Linear(dim, out))
+        super().__init__(*layers)
+
+    @property
+    def output(self) -> nn.Linear:
+        return self[-1]
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, accurate at both ends (Mächler 2012)."""
+    x = x.clamp(max=_LOG_P_MAX)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def dact_step(log_y: torch.Tensor, log_h: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None):
+    """One step of the DACT recursion in log space.
+
+    In: log y_n (B, K), log h_n (B,), and (log a_{n-1}, log p_{n-1}) or None at n = 1.
+    Out: (log a_n (B, K), log p_n (B,)).
+    """
+    if prev is None:  # p_0 = 1, a_0 = 0: a_1 = y_1
+        return log_y, log_h
+    log_a_prev, log_p_prev = prev
+    log_a = torch.logaddexp(log_y + log_p_prev[:, None], log_a_prev + _log1mexp(log_p_prev)[:, None])
+    return log_a, log_p_prev + log_h
+
+
+def exit_margin(log_a: torch.Tensor, log_p: torch.Tensor, layers_left: int) -> torch.Tensor:
+    """a_n[c*]·(1 − p_n)^d − (a_n[c_ru] + d·p_n) per row; the exit rule holds where this is ≥ 0.
+
+    In: log a_n (B, K), log p_n (B,), d = layers left (0 at the last layer). Out: (B,) float32.
+    """
+    a = log_a.float().exp()
+    if a.shape[-1] == 1:  # one expert: no runner-up, the answer is final at once
+        return torch.ones_like(a[:, 0])
+    top = a.topk(2, dim=-1).values
+    leader, runner_up = top[:, 0], top[:, 1]
+    if layers_left == 0:
+        return leader - runner_up
+    log_p = log_p.float()
+    one_minus_p = -torch.expm1(log_p.clamp(max=_LOG_P_MAX))
+    return leader * one_minus_p.pow(layers_left) - (runner_up + layers_left * log_p.exp())
+
+
+def exit_condition(log_a: torch.Tensor, log_p: torch.Tensor, layers_left: int) -> torch.Tensor:
+    """(B,) bool: the DACT bound says the top class of a_n is final. Everyone exits when d = 0."""
+    if layers_left == 0:
+        return torch.ones(log_a.shape[0], dtype=torch.bool, device=log_a.device)
+    return exit_margin(log_a, log_p, layers_left) >= 0
+
+
+def _bidirectional_mask():
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError as e:  # transformers < 5 builds masks inside each model; we call layers directly
+        raise ImportError(
+            "moegate.dact needs transformers >= 5 (transformers.masking_utils.create_bidirectional_mask)"
+        ) from e
+    return create_bidirectional_mask
+
+
+class DactRouterModel(nn.Module):
+    """A base HF encoder plus one DACT unit per layer (shared projection, per-layer heads).
+
+    ``encoder``: a BertModel, RobertaModel, XLMRobertaModel, ElectraModel or DistilBertModel (the base
+    model, not a ``...ForSequenceClassification`` wrapper). Its pooler, unused here, is removed.
+    """
+
+    def __init__(self, encoder: nn.Module, num_experts: int, head: HeadConfig | None = None):
+        super().__init__()
+        head = head if head is not None else HeadConfig()
+        if isinstance(head, dict):
+            head = HeadConfig(**head)
+        if int(num_experts) < 1:
+            raise ValueError(f"num_experts: expected ≥ 1, got {num_experts!r}")
+        self.model_type = _check_encoder(encoder)
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # [CLS] goes to the DACT units, never through BERT's NSP pooler
+        self.encoder = encoder
+        self.num_experts = int(num_experts)
+        self.head_config = head
+        hidden = int(encoder.config.hidden_size if hasattr(encoder.config, "hidden_size") else encoder.config.dim)
+        n = len(self._layers)
+        self.projection = nn.Sequential(
+            nn.Linear(hidden, head.projection_dim), ACTIVATIONS[head.activation](), nn.Dropout(head.dropout)
+        )
+        self.classifiers = nn.ModuleList(_Head(head.projection_dim, self.num_experts, head) for _ in range(n))
+        self.halting = nn.ModuleList(_Head(head.projection_dim, 1, head) for _ in range(n))
+        for g in self.halting:
+            nn.init.zeros_(g.output.weight)
+            nn.init.constant_(g.output.bias, HALTING_BIAS_INIT)
+        self._mask = _bidirectional_mask()
+
+    # -- the encoder, one layer at a time ----------------------------------------------------------
+    @property
+    def _layers(self) -> nn.ModuleList:
+        if self.model_type == "distilbert":
+            return self.encoder.transformer.layer
+        return self.encoder.encoder.layer
+
+    @property
+    def num_layers(self) -> int:
+        """N: transformer layers, each followed by a DACT unit."""
+        return len(self._layers)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder.embeddings(input_ids=input_ids)
+        if hasattr(self.encoder, "embeddings_project"):  # ELECTRA: embedding size ≠ hidden size
+            hidden = self.encoder.embeddings_project(hidden)
+        return hidden
+
+    def _layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        """The (B, L) padding mask in the form the encoder's attention backend wants (or None)."""
+        return self._mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def _run_layer(self, n: int, hidden: torch.Tensor, layer_mask) -> torch.Tensor:
+        """Layer n (1-based) on hidden states (B, L, H) with a mask from :meth:`_layer_mask`."""
+        out = self._layers[n - 1](hidden, attention_mask=layer_mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _unit(self, n: int, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer n's DACT unit on [CLS] (B, H): (log y_n (B, K), log h_n (B,)) in float32."""
+        u = self.projection(cls)
+        logits = self.classifiers[n - 1](u).float()  # float32 even under autocast: the recursion needs it
+        halt = self.halting[n - 1](u).float().squeeze(-1)
+        return F.log_softmax(logits, dim=-1), F.logsigmoid(halt)
+
+    # -- training path -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DactOutput:
+        """All N layers for every row (training and analysis). Rows must start with [CLS]."""
+        input_ids, attention_mask = _prepare(input_ids, attention_mask)
+        hidden = self._embed(input_ids)
+        layer_mask = self._layer_mask(hidden, attention_mask)
+        state = None
+        log_ys, log_hs, log_as, log_ps = [], [], [], []
+        for n in range(1, self.num_layers + 1):
+            hidden = self._run_layer(n, hidden, layer_mask)
+            log_y, log_h = self._unit(n, hidden[:, 0])
+            state = dact_step(log_y, log_h, state)
+            log_ys.append(log_y)
+            log_hs.append(log_h)
+            log_as.append(state[0])
+            log_ps.append(state[1])
+        log_a = torch.stack(log_as)
+        return DactOutput(
+            log_a=log_a[-1],
+            a=log_a.exp(),
+            y=torch.stack(log_ys).exp(),
+            h=torch.stack(log_hs).exp(),
+            p=torch.stack(log_ps).exp(),
+        )
+
+    @staticmethod
+    def loss(out: DactOutput, labels: torch.Tensor, lambda_: float):
+        """(total, nll, ponder): NLL(log a_N) and Σ_n p_n, each a mean over the batch's rows."""
+        nll = F.nll_loss(out.log_a, labels)
+        ponder = out.p.sum(0).mean()
+        return nll + float(lambda_) * ponder, nll, ponder
+
+    # -- inference -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode (no dropout, BatchNorm running stats) and no autograd; restores the mode after."""
+        was_training = self.training
+        if was_training:  # walking the module tree costs ~ms: only when there is something to switch
+            self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            if was_training:
+                self.train()
+
+    def early_exit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Per-sample early exit: (probs (B, K) = a_n at each row's exit layer, exit_layer (B,) in 1..N).
+
+        Each layer runs only on the rows still active; rows whose exit rule holds leave the batch
+        (hidden states and masks are index-selected) before the next layer. Runs in eval mode.
+        """
+        with self._inference():
+            input_ids, attention_mask = _prepare(input_ids, attention_mask)
+            rows_total, n_layers = input_ids.shape[0], self.num_layers
+            device = input_ids.device
+            probs = torch.zeros(rows_total, self.num_experts, dtype=torch.float32, device=device)
+            exit_layer = torch.full((rows_total,), n_layers, dtype=torch.long, device=device)
+            if rows_total == 0:
+                return probs, exit_layer
+            rows = torch.arange(rows_total, device=device)  # original row index of each active row
+            hidden = self._embed(input_ids)
+            layer_mask = self._layer_mask(hidden, attention_mask)
+            state = None
+            for n in range(1, n_layers + 1):
+                hidden = self._run_layer(n, hidden, layer_mask)
+                state = dact_step(*self._unit(n, hidden[:, 0]), state)
+                halt = exit_condition(state[0], state[1], n_layers - n)
+                if not bool(halt.any()):
+                    continue
+                done = rows[halt]
+                probs[done] = state[0][halt].exp()
+                exit_layer[done] = n
+                keep = (~halt).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                rows = rows.index_select(0, keep)
+                state = (state[0].index_select(0, keep), state[1].index_select(0, keep))
+                hidden = hidden.index_select(0, keep)
+                attention_mask = attention_mask.index_select(0, keep)
+                width = _attended_width(attention_mask)  # the leavers may have been the long rows
+                hidden, attention_mask = hidden[:, :width], attention_mask[:, :width]
+                layer_mask = self._layer_mask(hidden, attention_mask)
+            return probs, exit_layer
+
+    def full_depth(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """No early exit: (probs (B, K) = a_N, exit_layer (B,) = N for every row). Runs in eval mode."""
+        with self._inference():
+            out = self.forward(input_ids, attention_mask)
+            n = torch.full((out.log_a.shape[0],), self.num_layers, dtype=torch.long, device=out.log_a.device)
+            return out.log_a.exp(), n
+
+
+def _check_encoder(encoder: nn.Module) -> str:
+    """The encoder's model_type if DactRouterModel can run it layer by layer, else a clear error."""
+    config = getattr(encoder, "config", None)
+    model_type = getattr(config, "model_type", None)
+    name = type(encoder).__name__
+    if model_type not in _SUPPORTED:
+        raise TypeError(
+            f"unsupported backbone {name} (model_type {model_type!r}): the DACT router runs the encoder layer "
+            f"by layer and supports model types {', '.join(_SUPPORTED)}"
+        )
+    base = getattr(encoder, "base_model_prefix", None)
+    if base and hasattr(encoder, base):  # e.g. BertForSequenceClassification holds .bert
+        raise TypeError(f"{name} is a task model: pass its base encoder (model.{base}) to DactRouterModel")
+    if getattr(config, "is_decoder", False):
+        raise TypeError(f"{name} is configured as a decoder (is_decoder=True); the router needs a bidirectional encoder")
+    return model_type
+
+
+def _attended_width(attention_mask: torch.Tensor) -> int:
+    """1 + the last column any row attends to (≥ 1)."""
+    cols = attention_mask.bool().any(0).nonzero()
+    return int(cols[-1]) + 1 if cols.numel() else 1
+
+
+def _prepare(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes and the [CLS]-first layout; cut trailing columns that no row attends to."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must both be (batch, length); got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    if input_ids.shape[0] == 0:
+        return input_ids, attention_mask
+    if not bool(attention_mask[:, 0].bool().all()):
+        bad = (~attention_mask[:, 0].bool()).nonzero().squeeze(1)[:5].tolist()
+        raise ValueError(
+            f"rows {bad}: attention_mask[:, 0] is 0; the router reads [CLS] at position 0, so inputs must be "
+            "right-padded (tokenizer padding_side='right')"
+        )
+    width = _attended_width(attention_mask)
+    return input_ids[:, :width], attention_mask[:, :width]

@@ -1,0 +1,371 @@
+"""Stage 4, dataset: merge the experts' queries, clean them, split them by context, tokenize them.
+
+In:  ``queries/{expert}.parquet`` of every expert (query, expert, cluster, context_id, backend, model),
+     or, when ``dataset.labelled_csv`` is set, a user's own CSV with ``question,expert`` columns
+     (optionally ``context_id``).
+Out: ``dataset/{train,val,test}.parquet`` (query, expert, label, context_id, cluster, backend),
+     ``dataset/labels.json`` (the expert order = ``config.experts`` order),
+     ``dataset/tokenized/{split}.safetensors`` (input_ids, attention_mask, labels; int64) and
+     ``dataset/report.json`` (rows in/out per reason, per-split per-expert counts, truncation).
+
+The split is stratified by expert and grouped by ``context_id``: questions written from one context
+are near-paraphrases of each other, so a context that straddled train and test would leak answers
+into the score (the original project did exactly that). See :func:`assign_groups` for the rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import unicodedata
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moegate.io import atomic_path, write_json, write_parquet
+from moegate.layout import Layout
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# the dataset/{split}.parquet contract (docs/architecture.md)
+COLUMNS = ["query", "expert", "label", "context_id", "cluster", "backend"]
+# what the stage needs from queries/{expert}.parquet
+QUERY_COLUMNS = ("query", "expert", "cluster", "context_id", "backend")
+CSV_COLUMNS = ("question", "expert")
+CSV_BACKEND = "labelled_csv"  # the backend column of rows that came from a user's CSV
+CSV_CLUSTER = -1  # a labelled CSV has no clusters
+MIN_GROUPS_FOR_ALL_SPLITS = 3
+
+
+class DatasetError(ValueError):
+    """An input of the dataset stage is unusable; the message names the file and what was expected."""
+
+
+# -- reading ------------------------------------------------------------------------------------
+def read_queries(config: dict, layout: Layout) -> pd.DataFrame:
+    """Concatenate ``queries/{expert}.parquet`` in config order; columns QUERY_COLUMNS, str/int typed."""
+    frames = []
+    for expert in config["experts"]:
+        path = layout.queries(expert)
+        if not path.exists():
+            raise DatasetError(f"{path}: missing (did `moegate synthesize --expert {expert}` run?)")
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{path}: not a readable Parquet file: {e}") from None
+        missing = [c for c in QUERY_COLUMNS if c not in frame.columns]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {missing}; expected {list(QUERY_COLUMNS)}")
+        others = sorted(set(frame["expert"].astype(str)) - {expert})
+        if others:
+            raise DatasetError(f"{path}: expert column holds {others}, expected only {expert!r}")
+        frame = frame[list(QUERY_COLUMNS)].copy()
+        try:
+            frame["cluster"] = frame["cluster"].astype("int64")
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: column 'cluster' must hold integers: {e}") from None
+        frame["context_id"] = frame["context_id"].astype(str)
+        frame["backend"] = frame["backend"].astype(str)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_labelled_csv(path: str | Path, experts: list[str]) -> tuple[pd.DataFrame, int]:
+    """A user's CSV → (rows in QUERY_COLUMNS form, count of rows skipped for an unknown expert).
+
+    Needs ``question`` and ``expert`` columns; a ``context_id`` column, when present, groups rows
+    for the split (a blank one makes the row its own group); without it every row is its own group.
+    """
+    path = Path(path)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: labelled CSV not found (dataset.labelled_csv)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not a readable CSV: {e}") from None
+    raw.columns = [str(c).strip() for c in raw.columns]
+    missing = [c for c in CSV_COLUMNS if c not in raw.columns]
+    if missing:
+        raise DatasetError(
+            f"{path}: missing column(s) {missing}; expected a header with {list(CSV_COLUMNS)} "
+            f"(found {list(raw.columns)})"
+        )
+    row = pd.Series([f"csv/{i + 1}" for i in range(len(raw))], index=raw.index)  # 1 = first data row
+    if "context_id" in raw.columns:
+        given = raw["context_id"].str.strip()
+        context = given.where(given != "", row)
+    else:
+        context = row
+    frame = pd.DataFrame(
+        {
+            "query": raw["question"],
+            "expert": raw["expert"].str.strip(),
+            "cluster": CSV_CLUSTER,
+            "context_id": context,
+            "backend": CSV_BACKEND,
+        }
+    )
+    known = frame["expert"].isin(experts)
+    unknown = int((~known).sum())
+    if unknown:
+        names = sorted(set(frame.loc[~known, "expert"]))
+        log.warning(
+            "%s: skipped %d row(s) whose expert is not in config.experts: %s", path, unknown, names[:10]
+        )
+    return frame[known].reset_index(drop=True), unknown
+
+
+# -- cleaning -----------------------------------------------------------------------------------
+def normalise(text: Any) -> str:
+    """Unicode NFKC, runs of whitespace collapsed to one space, stripped; non-strings become ''."""
+    if not isinstance(text, str):
+        return ""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def clean(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Normalise queries, then drop empty ones, ambiguous ones and duplicates.
+
+    A question (compared case-insensitively) that appears under two or more experts is ambiguous:
+    every copy goes, since no label is right for it. Within one expert the first copy is kept.
+    Returns the kept rows (original order) and counts: empty, ambiguous, duplicate (rows dropped)
+    and ambiguous_questions (distinct questions behind the ambiguous rows).
+    """
+    frame = frame.assign(query=frame["query"].map(normalise))
+    empty = frame["query"] == ""
+    frame = frame[~empty]
+    key = frame["query"].str.casefold()
+    experts_per_key = frame.groupby(key)["expert"].nunique()
+    ambiguous_keys = experts_per_key.index[experts_per_key > 1]
+    ambiguous = key.isin(ambiguous_keys)
+    frame, key = frame[~ambiguous], key[~ambiguous]
+    duplicate = key.duplicated(keep="first")
+    frame = frame[~duplicate].reset_index(drop=True)
+    counts = {
+        "empty": int(empty.sum()),
+        "ambiguous": int(ambiguous.sum()),
+        "duplicate": int(duplicate.sum()),
+        "ambiguous_questions": len(ambiguous_keys),
+    }
+    return frame, counts
+
+
+def check_groups(frame: pd.DataFrame, source: str) -> None:
+    """A context group must belong to one expert, else grouping and stratifying contradict."""
+    experts_per_group = frame.groupby("context_id")["expert"].unique()
+    shared = experts_per_group[experts_per_group.map(len) > 1]
+    if len(shared):
+        cid, names = shared.index[0], sorted(shared.iloc[0])
+        raise DatasetError(
+            f"{source}: context_id {cid!r} appears under experts {names} ({len(shared)} such "
+            "context_id(s)); a context group must belong to one expert"
+        )
+
+
+# -- splitting ----------------------------------------------------------------------------------
+def assign_groups(sizes: list[int], fractions: dict[str, float], rng: np.random.Generator) -> list[str]:
+    """Assign one expert's context groups (``sizes[i]`` rows each) to splits; returns a split per group.
+
+    Groups are shuffled with ``rng`` and then ordered largest first (so the shuffle decides among
+    equal sizes, the common case). With >= 3 groups, val and test each first take one of the two
+    smallest groups, so every split gets this expert without overshooting its small target. Every
+    other group then goes to the split that is furthest below its target row count (lowest
+    assigned/target; ties to train, then to the larger target). With 2 groups: train and the larger
+    of val/test; with 1: train only (the caller reports such experts).
+    """
+    n = len(sizes)
+    order = [int(i) for i in rng.permutation(n)]
+    order.sort(key=lambda i: -sizes[i])  # stable: equal sizes keep their shuffled order
+    total = float(sum(sizes))
+    target = {s: fractions[s] * total for s in SPLITS}
+    assigned = dict.fromkeys(SPLITS, 0.0)
+    out: list[str] = [""] * n
+    if n >= MIN_GROUPS_FOR_ALL_SPLITS:
+        held_out = sorted(
+            ("val", "test"), key=lambda s: target[s]
+        )  # the smaller target takes the smallest group
+        for split, i in zip(held_out, (order[-1], order[-2])):
+            out[i] = split
+            assigned[split] += sizes[i]
+        order = order[:-2]
+    for i in order:
+        split = min(SPLITS, key=lambda s: (assigned[s] / target[s], s != "train", -target[s]))
+        out[i] = split
+        assigned[split] += sizes[i]
+    return out
+
+
+def split_fractions(config: dict) -> dict[str, float]:
+    ds = config["dataset"]
+    val, test = float(ds["val_fraction"]), float(ds["test_fraction"])
+    return {"train": 1.0 - val - test, "val": val, "test": test}
+
+
+def grouped_split(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
+    """The split name of every row: stratified by ``expert``, grouped by ``context_id``.
+
+    Each expert's groups are shuffled with a generator seeded by (seed, the expert's name), so
+    adding an expert does not reshuffle the others.
+    """
+    split = pd.Series("", index=frame.index, dtype=object)
+    for expert, rows in frame.groupby("expert", sort=False):
+        sizes = rows.groupby("context_id", sort=True).size()  # sorted ids: independent of row order
+        rng = np.random.default_rng([seed, zlib.crc32(str(expert).encode())])
+        by_group = dict(zip(sizes.index, assign_groups(sizes.tolist(), fractions, rng)))
+        split[rows.index] = rows["context_id"].map(by_group)
+    return split
+
+
+# -- tokenizing ---------------------------------------------------------------------------------
+def load_tokenizer(model: str):
+    """The tokenizer of the configured backbone (``backbone.model``), resolved offline when possible."""
+    from transformers import AutoTokenizer
+
+    from moegate.encoder import resolve_model
+
+    path = resolve_model(model)
+    return AutoTokenizer.from_pretrained(path), path
+
+
+def tokenize(
+    queries: list[str],
+    labels: list[int],
+    tokenizer,
+    max_length: int,
+    batch_size: int = 1024,
+    desc: str = "tokenize",
+) -> tuple[dict, int]:
+    """Pad/truncate to ``max_length``.
+
+    Returns ({input_ids, attention_mask: [rows, max_length], labels: [rows]}, all int64) and the
+    number of queries that were longer than ``max_length`` tokens.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    ids, masks, truncated = [], [], 0
+    for start in tqdm(range(0, len(queries), batch_size), desc=desc, unit="batch", disable=None):
+        batch = queries[start : start + batch_size]
+        full = tokenizer(batch, truncation=False, verbose=False)["input_ids"]  # only to count truncation
+        truncated += sum(len(x) > max_length for x in full)
+        enc = tokenizer(
+            batch, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        ids.append(enc["input_ids"].to(torch.int64))
+        masks.append(enc["attention_mask"].to(torch.int64))
+    empty = torch.zeros((0, max_length), dtype=torch.int64)
+    tensors = {
+        "input_ids": torch.cat(ids) if ids else empty,
+        "attention_mask": torch.cat(masks) if masks else empty.clone(),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
+    return tensors, truncated
+
+
+def save_tensors(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+# -- the stage ----------------------------------------------------------------------------------
+def dataset(config: dict) -> dict:
+    """Run the dataset stage for a validated config; writes the files above and returns the report."""
+    started = time.perf_counter()
+    layout = Layout.from_config(config)
+    experts = list(config["experts"])
+    ds = config["dataset"]
+    dropped = {"unknown_expert": 0}
+
+    if ds["labelled_csv"]:
+        source, inputs = CSV_BACKEND, [str(ds["labelled_csv"])]
+        frame, dropped["unknown_expert"] = read_labelled_csv(ds["labelled_csv"], experts)
+        rows_in = len(frame) + dropped["unknown_expert"]
+    else:
+        source, inputs = "synthesized", [str(layout.queries(e)) for e in experts]
+        frame = read_queries(config, layout)
+        rows_in = len(frame)
+
+    frame, counts = clean(frame)
+    ambiguous_questions = counts.pop("ambiguous_questions")
+    dropped.update(counts)
+    if frame.empty:
+        raise DatasetError(f"{', '.join(inputs)}: no usable questions left (dropped: {dropped})")
+    check_groups(frame, ", ".join(inputs))
+
+    label_of = {e: i for i, e in enumerate(experts)}
+    frame["label"] = frame["expert"].map(label_of).astype("int64")
+    fractions = split_fractions(config)
+    frame["split"] = grouped_split(frame, fractions, int(config["seed"]))
+
+    groups_per_expert = frame.groupby("expert")["context_id"].nunique().reindex(experts, fill_value=0)
+    few = {e: int(n) for e, n in groups_per_expert.items() if n < MIN_GROUPS_FOR_ALL_SPLITS}
+    for e, n in few.items():
+        where = (
+            "has no rows" if n == 0 else f"has only {n} context group(s), so it is missing from some splits"
+        )
+        log.warning("expert %s %s (needs >= %d for train, val and test)", e, where, MIN_GROUPS_FOR_ALL_SPLITS)
+    for split in SPLITS:
+        if not (frame["split"] == split).any():
+            raise DatasetError(
+                f"dataset: the {split} split is empty: every expert has fewer than "
+                f"{MIN_GROUPS_FOR_ALL_SPLITS} context groups ({few}); add questions or contexts"
+            )
+
+    tokenizer, tokenizer_path = load_tokenizer(config["backbone"]["model"])
+    max_length = int(ds["max_length"])
+    splits_report, truncated_total = {}, 0
+    for split in SPLITS:
+        part = frame[frame["split"] == split][COLUMNS].reset_index(drop=True)
+        tensors, truncated = tokenize(
+            part["query"].tolist(), part["label"].tolist(), tokenizer, max_length, desc=f"tokenize {split}"
+        )
+        write_parquet(layout.split(split), part)
+        save_tensors(layout.tokens(split), tensors)
+        truncated_total += truncated
+        splits_report[split] = {
+            "rows": len(part),
+            "share": round(len(part) / len(frame), 4),
+            "target_share": round(fractions[split], 4),
+            "context_groups": int(part["context_id"].nunique()),
+            "per_expert": {e: int((part["expert"] == e).sum()) for e in experts},
+            "truncated": truncated,
+        }
+    write_json(layout.labels, {"labels": experts})
+
+    report = {
+        "source": source,
+        "inputs": inputs,
+        "rows_in": rows_in,
+        "dropped": dropped,
+        "ambiguous_questions": ambiguous_questions,
+        "rows_out": len(frame),
+        "labels": experts,
+        "seed": int(config["seed"]),
+        "splits": splits_report,
+        "experts_with_few_groups": few,
+        "max_length": max_length,
+        "tokenizer": {
+            "model": config["backbone"]["model"],
+            "path": str(tokenizer_path),
+            "class": type(tokenizer).__name__,
+        },
+        "truncated_share": round(truncated_total / len(frame), 4),
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    write_json(layout.dataset_report, report)
+    log.info(
+        "dataset: %d rows in, %d out (dropped %s); train/val/test = %s; %.1f%% truncated at %d tokens",
+        rows_in,
+        len(frame),
+        dropped,
+        "/".join(str(splits_report[s]["rows"]) for s in SPLITS),
+        100 * report["truncated_share"],
+        max_length,
+    )
+    return report

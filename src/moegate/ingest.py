@@ -1,0 +1,586 @@
+"""Stage 1, ingest: read one expert's knowledge base into ``kb/{expert}.parquet``.
+
+An expert's ``source`` is either
+
+* a vector export — JSONL (one object a line), a JSON array of objects, or Parquet — whose rows carry
+  ``id``, ``text`` and ``embedding``; rows are validated and bad ones skipped and counted by reason; or
+* a folder of documents (``.md``/``.markdown``/``.txt``/``.html``/``.htm``, searched recursively): each
+  file is cleaned to plain text (front matter, HTML tags, MathML, image links, kramdown attribute lists
+  and link targets removed), cut into windows of encoder tokens that overlap, and embedded with the
+  configured encoder (:func:`moegate.encoder.embed`).
+
+Out: ``kb/{expert}.parquet`` (id, text, embedding as list<float32>, source) and
+``kb/{expert}.report.json`` (what was read, kept and skipped, and why).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import html
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from moegate.encoder import embed, load_encoder
+from moegate.io import write_json, write_parquet
+from moegate.layout import Layout
+
+log = logging.getLogger(__name__)
+
+EXPORT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+DOCUMENT_SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": "html", ".htm": "html"}
+REQUIRED_COLUMNS = ("id", "text", "embedding")
+EXAMPLES_PER_REASON = 5  # row references kept per skip reason in the report: enough to find the problem
+
+# Why a row of a vector export is skipped; each skipped row is counted under the first that applies.
+SKIP_REASONS = {
+    "missing_id": "no id, or a blank one",
+    "missing_text": "no text, blank text, or text that is not a string",
+    "missing_embedding": "no embedding, or an empty one",
+    "non_numeric_embedding": "embedding is not a flat list of numbers",
+    "non_finite_embedding": "embedding holds NaN or infinity",
+    "wrong_dimension": "embedding length differs from the expert's majority dimension",
+    "duplicate_id": "id already seen earlier in the export (the first one is kept)",
+}
+
+
+class IngestError(ValueError):
+    """A knowledge base cannot be read; the message names the expert, file and row where known."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def ingest(config: dict, expert: str) -> dict:
+    """Read ``config.experts[expert].source`` and write the expert's KB parquet and report.
+
+    Returns the report (also written to ``kb/{expert}.report.json``).
+    Raises IngestError for an unknown expert, a missing/unreadable/malformed source, or no usable rows.
+    """
+    experts = config["experts"]
+    if expert not in experts:
+        raise IngestError(f"expert {expert!r} is not in config.experts (known: {', '.join(experts)})")
+    source = Path(experts[expert]["source"])
+    layout = Layout.from_config(config)
+    started = time.perf_counter()
+    if source.is_dir():
+        frame, report = _ingest_documents(source, config, expert)
+    elif source.is_file():
+        frame, report = _ingest_export(source, expert)
+    else:
+        raise IngestError(f"expert {expert!r}: source {source} does not exist (expected a vector export "
+                          f"file {sorted(EXPORT_SUFFIXES)} or a folder of documents)")
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    write_parquet(layout.kb(expert), frame)
+    write_json(layout.kb_report(expert), report)
+    log.info("%s: kept %d of %d rows (dim %d) -> %s", expert, report["rows_kept"], report["rows_read"],
+             report["dim"], layout.kb(expert))
+    return report
+
+
+def _kb_frame(ids: list[str], texts: list[str], vectors: np.ndarray, sources: list[str]) -> pd.DataFrame:
+    """The KB contract: id, text, embedding (one float32 array a row), source."""
+    return pd.DataFrame({
+        "id": pd.Series(ids, dtype=object),
+        "text": pd.Series(texts, dtype=object),
+        "embedding": list(np.asarray(vectors, dtype=np.float32)),
+        "source": pd.Series(sources, dtype=object),
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# Vector exports
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportRow:
+    """One record of a vector export, before validation; ``ref`` says where it came from."""
+
+    ref: str
+    id: Any
+    text: Any
+    embedding: Any
+
+
+def read_export(path: Path) -> tuple[str, list[ExportRow]]:
+    """(format, rows) of a JSONL / JSON-array / Parquet vector export; IngestError if it cannot be read."""
+    kind = EXPORT_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise IngestError(f"{path}: unknown vector export type {path.suffix!r} "
+                          f"(expected one of {', '.join(sorted(EXPORT_SUFFIXES))}, or a folder of documents)")
+    reader = {"jsonl": _read_jsonl, "json": _read_json_array, "parquet": _read_parquet}[kind]
+    return kind, reader(path)
+
+
+def _open_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise IngestError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e:
+        raise IngestError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _record(obj: Any, ref: str, path: Path) -> ExportRow:
+    if not isinstance(obj, dict):
+        raise IngestError(f"{path}: {ref}: expected a JSON object with id, text, embedding; "
+                          f"got {type(obj).__name__}")
+    return ExportRow(ref, obj.get("id"), obj.get("text"), obj.get("embedding"))
+
+
+def _read_jsonl(path: Path) -> list[ExportRow]:
+    rows = []
+    for number, line in enumerate(_open_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise IngestError(f"{path}: line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        rows.append(_record(obj, f"line {number}", path))
+    return rows
+
+
+def _read_json_array(path: Path) -> list[ExportRow]:
+    try:
+        data = json.loads(_open_text(path))
+    except json.JSONDecodeError as e:
+        raise IngestError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise IngestError(f"{path}: expected a JSON array of objects at the top level, got {type(data).__name__}")
+    return [_record(obj, f"item {i}", path) for i, obj in enumerate(data)]
+
+
+def _read_parquet(path: Path) -> list[ExportRow]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise IngestError(f"{path}: cannot read as Parquet: {e}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise IngestError(f"{path}: missing column(s) {', '.join(missing)} "
+                          f"(has {', '.join(table.column_names)}; expected {', '.join(REQUIRED_COLUMNS)})")
+    ids = table.column("id").to_pylist()
+    texts = table.column("text").to_pylist()
+    # list columns come back as one numpy array a row, far cheaper than Python lists for 40k x 768
+    vectors = table.column("embedding").to_numpy(zero_copy_only=False)
+    return [ExportRow(f"row {i}", ids[i], texts[i], vectors[i]) for i in range(table.num_rows)]
+
+
+def _as_vector(value: Any) -> tuple[np.ndarray | None, str | None]:
+    """(vector as float64, None) or (None, skip reason) for one raw embedding value."""
+    if value is None or isinstance(value, (str, bytes, dict)):
+        return None, "missing_embedding" if value is None else "non_numeric_embedding"
+    try:
+        raw = np.asarray(value)
+    except (TypeError, ValueError):  # ragged nesting
+        return None, "non_numeric_embedding"
+    if raw.ndim != 1:
+        return None, "missing_embedding" if raw.size == 0 else "non_numeric_embedding"
+    if raw.size == 0:
+        return None, "missing_embedding"
+    numbers = raw.dtype.kind in "iuf" or (  # object arrays pass only when every item is a real number
+        raw.dtype.kind == "O" and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw))
+    if not numbers:  # strings, booleans, nulls, mixed objects
+        return None, "non_numeric_embedding"
+    vector = raw.astype(np.float64)
+    if not np.isfinite(vector).all():
+        return None, "non_finite_embedding"
+    return vector, None
+
+
+def validate_rows(rows: Iterable[ExportRow]) -> tuple[list[tuple[ExportRow, np.ndarray]], Counter, dict, int]:
+    """Keep the usable rows of an export.
+
+    Returns (kept [(row, vector)], skipped counts by reason, up to EXAMPLES_PER_REASON row refs per
+    reason, majority dimension). The majority dimension is the most common embedding length among
+    rows that pass every other check (ties: the one seen first).
+    """
+    skipped: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def skip(row: ExportRow, reason: str) -> None:
+        skipped[reason] += 1
+        examples.setdefault(reason, [])
+        if len(examples[reason]) < EXAMPLES_PER_REASON:
+            examples[reason].append(row.ref if row.id is None else f"{row.ref} (id {row.id!r})")
+
+    candidates = []
+    for row in rows:
+        if row.id is None or (isinstance(row.id, str) and not row.id.strip()) or isinstance(row.id, (dict, list)):
+            skip(row, "missing_id")
+            continue
+        if not isinstance(row.text, str) or not row.text.strip():
+            skip(row, "missing_text")
+            continue
+        vector, reason = _as_vector(row.embedding)
+        if reason:
+            skip(row, reason)
+            continue
+        candidates.append((row, vector))
+
+    dims = Counter(len(v) for _, v in candidates)
+    dim = dims.most_common(1)[0][0] if dims else 0
+    kept, seen = [], set()
+    for row, vector in candidates:
+        key = str(row.id).strip()
+        if len(vector) != dim:
+            skip(row, "wrong_dimension")
+        elif key in seen:
+            skip(row, "duplicate_id")
+        else:
+            seen.add(key)
+            kept.append((row, vector))
+    return kept, skipped, examples, dim
+
+
+def _ingest_export(path: Path, expert: str) -> tuple[pd.DataFrame, dict]:
+    kind, rows = read_export(path)
+    kept, skipped, examples, dim = validate_rows(rows)
+    report = {
+        "expert": expert,
+        "source": str(path),
+        "kind": "vector_export",
+        "format": kind,
+        "rows_read": len(rows),
+        "rows_kept": len(kept),
+        "dim": dim,
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": examples,
+        "skip_reasons": {r: SKIP_REASONS[r] for r in sorted(skipped)},
+    }
+    if not kept:
+        raise IngestError(f"expert {expert!r}: {path} has no usable rows ({len(rows)} read; skipped: "
+                          f"{_describe(skipped) or 'none - the export is empty'})")
+    if skipped:
+        log.warning("%s: skipped %d of %d rows of %s: %s", expert, sum(skipped.values()), len(rows), path,
+                    _describe(skipped))
+    frame = _kb_frame([str(r.id).strip() for r, _ in kept], [r.text.strip() for r, _ in kept],
+                      np.stack([v for _, v in kept]), [str(path)] * len(kept))
+    return frame, report
+
+
+def _describe(counts: Counter) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents: cleaning
+# ---------------------------------------------------------------------------------------------
+
+_FRONT_MATTER = re.compile(r"\A\ufeff?---[ \t]*\n.*?\n(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.DOTALL)
+_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_HIDDEN_BLOCK = re.compile(r"<(script|style|head|noscript)\b[^>]*>.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
+# MathML and the whitespace after it: converters put inline math on its own line(s)
+_MATH = re.compile(r"<math\b[^>]*>(.*?)</math\s*>([ \t]*(?:\n[ \t]*)*)", re.DOTALL | re.IGNORECASE)
+_MATH_ANNOTATION = re.compile(r"<annotation(?:-xml)?\b[^>]*>.*?</annotation(?:-xml)?\s*>", re.DOTALL | re.IGNORECASE)
+_MATH_TOKEN = re.compile(r"<(m[a-z]+)\b[^<>]*>([^<>]*)</\1\s*>", re.IGNORECASE)
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]*)\b[^<>]*?(/?)>")
+_SUP = re.compile(r"<sup\b[^>]*>([^<>\s]{1,12})</sup\s*>", re.IGNORECASE)
+# [alt](target "title"): the alt may hold one level of brackets; the target may be <...> or hold (...)
+_LINK_TEXT = r"\[((?:[^\[\]\\]|\\.|\[[^\[\]]*\])*)\]"
+_LINK_TARGET = r"\((?:\s*<[^<>]*>|\s*[^()\s]*(?:\([^()\s]*\)[^()\s]*)*)(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^()]*\)))?\s*\)"
+_IMAGE = re.compile(r"!" + _LINK_TEXT + _LINK_TARGET)
+_LINK = re.compile(_LINK_TEXT + _LINK_TARGET)
+_REF_LINK = re.compile(_LINK_TEXT + r"\[[^\[\]]*\]")
+_LINK_DEFINITION = re.compile(r"^[ \t]{0,3}\[[^\]]+\]:[ \t]*\S+.*$", re.MULTILINE)
+_AUTOLINK = re.compile(r"<(?:https?|ftp|mailto):[^<>\s]*>", re.IGNORECASE)
+_ATTRIBUTE_LIST = re.compile(r"\{:?[:#.][^{}\n]*\}|\{:\}")  # kramdown {: .class #id key="v"}, {#id}, {::}
+_HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+(.*?)[ \t]*#*[ \t]*$", re.MULTILINE)
+_SETEXT_RULE = re.compile(r"^[ \t]*(?:[-*_][ \t]*){3,}$|^[ \t]*=+[ \t]*$", re.MULTILINE)
+_BULLET = re.compile(r"^([ \t]*)(?:[*+-]|>+)[ \t]+", re.MULTILINE)
+_FENCE = re.compile(r"^[ \t]*(?:```|~~~).*$", re.MULTILINE)
+_EMPHASIS = re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1|(?<![\w*])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![\w*])", re.DOTALL)
+_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|<>~])")
+_BLOCK_TAGS = {
+    "address", "article", "aside", "blockquote", "br", "caption", "dd", "div", "dl", "dt", "figcaption",
+    "figure", "footer", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li", "main", "nav", "ol", "p",
+    "pre", "section", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "ul",
+}
+
+
+def _math_text(match: re.Match) -> str:
+    """MathML → the text of its tokens (``Δx = xf − x0``), without TeX/StarMath annotations.
+
+    Identifiers and numbers are run together (a subscript follows its base); operators get spaces.
+    The math stays inline unless a new paragraph (blank line, capital letter) follows it.
+    """
+    parts = []
+    for tag, token in _MATH_TOKEN.findall(_MATH_ANNOTATION.sub(" ", match.group(1))):
+        token = token.strip()
+        if not token:
+            continue
+        if tag.lower() != "mo" or token in "()[]":
+            parts.append(token)
+        elif token in ",;:":
+            parts.append(token + " ")
+        else:
+            parts.append(f" {token} ")
+    math = re.sub(r" {2,}", " ", "".join(parts)).strip()
+    after = match.group(2)
+    rest = match.string[match.end():match.end() + 1]
+    if "\n" in after and (not rest or rest.isupper() or rest == "<"):
+        return f" {math}\n\n"
+    return f" {math} " if after else f" {math}"
+
+
+def _tag(match: re.Match) -> str:
+    # block-level tags separate words (and sentences); inline ones (span, em, sub) must not split words
+    return "\n" if match.group(2).lower() in _BLOCK_TAGS else ""
+
+
+def _unwrap_emphasis(match: re.Match) -> str:
+    return match.group(2) if match.group(2) is not None else match.group(3)
+
+
+def _tidy_whitespace(text: str, markup: bool = False) -> str:
+    """Collapse runs of spaces, strip lines, keep at most one blank line; for markup also close the
+    gap that removed tags leave before punctuation (``xf .`` → ``xf.``)."""
+    lines = [re.sub(r"[ \t\u00a0]+", " ", line).strip() for line in text.split("\n")]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return re.sub(r"(?<=\S) +([,.;:!?])(?=\s|$)", r"\1", text) if markup else text
+
+
+def clean_html(text: str) -> str:
+    """Readable text of an HTML page or fragment: no comments, scripts, MathML markup or tags."""
+    text = _COMMENT.sub(" ", text)
+    text = _HIDDEN_BLOCK.sub(" ", text)
+    text = _MATH.sub(_math_text, text)
+    text = _SUP.sub(r"^\1", text)
+    text = _TAG.sub(_tag, text)
+    return _tidy_whitespace(html.unescape(text), markup=True)
+
+
+def clean_markdown(text: str) -> str:
+    """Readable text of a markdown document (kramdown/Jekyll flavoured, as OpenStax exports are).
+
+    Removes YAML front matter, HTML comments/tags, MathML (keeping its token text), image links,
+    link targets (keeping the link text), kramdown attribute lists, heading/list/emphasis markers.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _FRONT_MATTER.sub("", text, count=1)
+    text = _COMMENT.sub(" ", text)
+    text = _HIDDEN_BLOCK.sub(" ", text)
+    text = _MATH.sub(_math_text, text)
+    text = _IMAGE.sub(" ", text)
+    text = _LINK.sub(r"\1", text)
+    text = _REF_LINK.sub(r"\1", text)
+    text = _LINK_DEFINITION.sub("", text)
+    text = _AUTOLINK.sub(" ", text)
+    text = _ATTRIBUTE_LIST.sub("", text)
+    text = _SUP.sub(r"^\1", text)
+    text = _TAG.sub(_tag, text)
+    text = _FENCE.sub("", text)
+    text = _HEADING.sub(r"\1", text)
+    text = _SETEXT_RULE.sub("", text)
+    text = _BULLET.sub(r"\1", text)
+    text = _EMPHASIS.sub(_unwrap_emphasis, text)
+    text = text.replace("`", "").replace("**", "")  # stray markers the unwrapping could not pair
+    text = _ESCAPE.sub(r"\1", text)
+    return _tidy_whitespace(html.unescape(text), markup=True)
+
+
+def clean_document(text: str, kind: str) -> str:
+    """Plain text of one document of ``kind`` (markdown | html | text)."""
+    if kind == "markdown":
+        return clean_markdown(text)
+    if kind == "html":
+        return clean_html(text)
+    return _tidy_whitespace(text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents: finding, chunking, embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def find_documents(folder: Path, exclude: list[str]) -> tuple[list[Path], dict[str, str]]:
+    """(documents to read, {relative path: why skipped}) under ``folder``, recursively, in path order.
+
+    Hidden files and folders (``.git``) are passed over silently; files matching an ``exclude``
+    glob (against the relative path or the file name) or with another suffix are listed as skipped.
+    """
+    documents, skipped = [], {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        name = rel.as_posix()
+        if any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(path.name, pattern) for pattern in exclude):
+            skipped[name] = "excluded by ingest.exclude"
+        elif path.suffix.lower() not in DOCUMENT_SUFFIXES:
+            skipped[name] = f"not a document type ({', '.join(sorted(DOCUMENT_SUFFIXES))})"
+        else:
+            documents.append(path)
+    return documents, skipped
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A window of a cleaned document: tokens [first, end) and characters [start_char, end_char)."""
+
+    index: int
+    first: int
+    end: int
+    start_char: int
+    end_char: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.end - self.first
+
+
+def token_windows(word_start: list[bool], sentence_end: list[bool], chunk_tokens: int, overlap: int,
+                  min_chunk_tokens: int) -> list[tuple[int, int]]:
+    """Token windows [first, end) covering ``len(word_start)`` tokens, in order.
+
+    Each window has at most ``chunk_tokens`` tokens and ends, where it can, after a sentence end found
+    in its last quarter, else at a word boundary. The next window starts ``overlap`` tokens before the
+    previous end, moved back to the start of that word (so neighbours share at least ``overlap`` tokens
+    and no chunk starts mid-word). When fewer than ``min_chunk_tokens`` new tokens would be left for a
+    last window, they join the window before instead (which then exceeds ``chunk_tokens`` by less than
+    ``min_chunk_tokens``).
+    """
+    n = len(word_start)
+    windows: list[tuple[int, int]] = []
+    first = 0
+    while first < n:
+        hi = first + chunk_tokens
+        if hi >= n:
+            end = n
+        else:
+            lo = min(hi, first + max(overlap + 1, math.ceil(0.75 * chunk_tokens)))
+            end = next((e for e in range(hi, lo - 1, -1) if sentence_end[e - 1]), None)
+            if end is None:
+                end = next((e for e in range(hi, lo - 1, -1) if word_start[e]), hi)
+            if n - end < min_chunk_tokens:
+                end = n
+        windows.append((first, end))
+        if end >= n:
+            break
+        nxt = end - overlap
+        back = nxt
+        while back > first + 1 and not word_start[back]:
+            back -= 1
+        first = back if word_start[back] and back > first else nxt
+    return windows
+
+
+def chunk_document(text: str, tokenizer, chunk_tokens: int, overlap: int, min_chunk_tokens: int) -> list[Chunk]:
+    """Cut cleaned ``text`` into overlapping windows of the encoder's tokens (see :func:`token_windows`).
+
+    Chunk text is the original span of ``text`` (case and spacing kept, not a lower-cased decode).
+    A document with fewer than ``min_chunk_tokens`` tokens gives no chunks.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    offsets = enc["offset_mapping"]
+    n = len(offsets)
+    if n < min_chunk_tokens or n == 0:
+        return []
+    # a token starts a word when whitespace separates it from the previous token
+    word_start = [i == 0 or offsets[i][0] > offsets[i - 1][1] for i in range(n)]
+    sentence_end = []
+    for i, (_, stop) in enumerate(offsets):
+        following = text[stop : offsets[i + 1][0]] if i + 1 < n else "\n"
+        sentence_end.append("\n" in following or (text[stop - 1] in ".!?" and following != ""))
+    windows = token_windows(word_start, sentence_end, chunk_tokens, overlap, min_chunk_tokens)
+    return [Chunk(k, a, b, offsets[a][0], offsets[b - 1][1]) for k, (a, b) in enumerate(windows)]
+
+
+def embed_sorted(texts: list[str], encoder: dict, device_setting: str, desc: str) -> np.ndarray:
+    """Embed ``texts`` longest first (batches of similar length waste little padding); input order out.
+
+    Sorted by character length, a cheap proxy for token count; a tqdm bar counts chunks.
+    """
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    batch = encoder["batch_size"]
+    parts = []
+    with tqdm(total=len(texts), desc=desc, unit="chunk", disable=None) as bar:
+        for i in range(0, len(order), batch):
+            idx = order[i : i + batch]
+            parts.append(embed([texts[j] for j in idx], encoder["model"], batch_size=batch,
+                               max_length=encoder["max_length"], device_setting=device_setting))
+            bar.update(len(idx))
+    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    out = np.empty_like(vectors)
+    out[order] = vectors
+    return out
+
+
+def _ingest_documents(folder: Path, config: dict, expert: str) -> tuple[pd.DataFrame, dict]:
+    ing, encoder = config["ingest"], config["encoder"]
+    documents, skipped_files = find_documents(folder, ing.get("exclude", []))
+    tokenizer, model = load_encoder(encoder["model"], config.get("device", "auto"))
+    longest = ing["chunk_tokens"] + ing["min_chunk_tokens"] - 1
+    if longest + 2 > encoder["max_length"]:  # +2: [CLS] and [SEP]
+        log.warning("chunks of up to %d tokens exceed encoder.max_length %d: their tails are not embedded",
+                    longest, encoder["max_length"])
+
+    ids, texts, sources, kinds = [], [], [], Counter()
+    for path in tqdm(documents, desc=f"{expert}: chunk", unit="file", disable=None):
+        rel = path.relative_to(folder).as_posix()
+        kind = DOCUMENT_SUFFIXES[path.suffix.lower()]
+        cleaned = clean_document(_open_text(path), kind)
+        if not cleaned:
+            skipped_files[rel] = "no text after cleaning"
+            continue
+        chunks = chunk_document(cleaned, tokenizer, ing["chunk_tokens"], ing["chunk_overlap"],
+                                ing["min_chunk_tokens"])
+        if not chunks:
+            skipped_files[rel] = f"shorter than ingest.min_chunk_tokens ({ing['min_chunk_tokens']} tokens)"
+            continue
+        kinds[kind] += 1
+        for c in chunks:
+            ids.append(f"{rel}#{c.index}")  # stable across reruns: the file and the chunk's place in it
+            texts.append(cleaned[c.start_char : c.end_char])
+            sources.append(f"{(folder / rel).as_posix()}#{c.index}")
+
+    files_read = sum(kinds.values())
+    if not ids:
+        raise IngestError(f"expert {expert!r}: no usable documents in {folder} ({len(documents)} document "
+                          f"file(s) found; {len(skipped_files)} skipped: "
+                          f"{_describe(Counter(skipped_files.values())) or 'the folder is empty'})")
+    started = time.perf_counter()
+    vectors = embed_sorted(texts, encoder, config.get("device", "auto"), desc=f"{expert}: embed")
+    seconds = time.perf_counter() - started
+    log.info("%s: embedded %d chunks from %d files in %.1f s (%.1f chunks/s)", expert, len(ids), files_read,
+             seconds, len(ids) / max(seconds, 1e-9))
+    report = {
+        "expert": expert,
+        "source": str(folder),
+        "kind": "documents",
+        "format": dict(sorted(kinds.items())),
+        "rows_read": len(ids),
+        "rows_kept": len(ids),
+        "dim": int(vectors.shape[1]),
+        "skipped": {},
+        "files_read": files_read,
+        "files_skipped": len(skipped_files),
+        "files_skipped_by_reason": dict(sorted(Counter(skipped_files.values()).items())),
+        "skipped_files": dict(sorted(skipped_files.items())),
+        "chunks": len(ids),
+        "chunk_tokens": {"target": ing["chunk_tokens"], "overlap": ing["chunk_overlap"],
+                         "min": ing["min_chunk_tokens"]},
+        "encoder": {"model": encoder["model"], "max_length": encoder["max_length"],
+                    "batch_size": encoder["batch_size"], "device": str(model.device)},
+        "embed_seconds": round(seconds, 3),
+        "chunks_per_second": round(len(ids) / max(seconds, 1e-9), 2),
+    }
+    return _kb_frame(ids, texts, vectors, sources), report

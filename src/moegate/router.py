@@ -1,0 +1,318 @@
+"""The public API: save a trained DACT router to a directory, load it back, and route questions.
+
+    from moegate import Router
+    router = Router.from_pretrained("results/router")
+    router.route(["What is a p-value?"])[0].expert    # -> "dsci_101"
+
+A router directory holds ``config.json`` (the backbone's HF config, labels, head config, λ, the exit
+rule, max length, training metadata), ``model.safetensors`` (the whole DactRouterModel state: encoder
++ DACT units), the tokenizer files, a ``README.md`` model card, and any extra JSON files the trainer
+adds (``training.json``). Loading uses safetensors only: no pickle, no ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from moegate import __version__
+from moegate.dact import EXIT_RULE, DactRouterModel, HeadConfig
+from moegate.io import atomic_dir, read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # config.json "moegate_router": bump when the directory layout changes
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+_RESERVED = {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}
+
+
+# -- saving ------------------------------------------------------------------------------------------
+def save_router(
+    path: str | os.PathLike,
+    model: DactRouterModel,
+    tokenizer,
+    labels: list[str],
+    max_length: int,
+    lambda_: float,
+    metadata: dict,
+    extra_json: dict[str, dict] | None = None,
+    abstain_below: float | None = None,
+) -> Path:
+    """Write a router directory at ``path`` atomically (a killed job leaves the old one or none).
+
+    In: the trained model, its tokenizer, the expert labels in output order, the tokenizer max length,
+    λ, free-form ``metadata`` (training params, tuned values, study names), ``extra_json`` files
+    ({"training.json": curves}) and the default abstain threshold of ``route``. Out: the path.
+    """
+    from safetensors.torch import save_file
+
+    labels = [str(x) for x in labels]
+    if len(labels) != model.num_experts:
+        raise ValueError(f"save_router: {len(labels)} labels for a model with {model.num_experts} experts")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"save_router: labels must be unique, got {labels}")
+    for name in extra_json or {}:
+        if Path(name).name != name or not name.endswith(".json") or name in _RESERVED:
+            raise ValueError(f"save_router: extra_json key {name!r} must be a plain *.json file name "
+                             f"other than {sorted(_RESERVED)}")
+    config = {
+        "moegate_router": FORMAT_VERSION,
+        "moegate_version": __version__,
+        "labels": labels,
+        "num_experts": model.num_experts,
+        "num_layers": model.num_layers,
+        "max_length": int(max_length),
+        "lambda_": float(lambda_),
+        "abstain_below": abstain_below,
+        "head": model.head_config.to_dict(),
+        "exit_rule": EXIT_RULE,
+        "backbone": model.encoder.config.to_dict(),
+        "metadata": metadata,
+    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(path) as tmp:
+        write_json(tmp / CONFIG_FILE, config)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_json or {}).items():
+            write_json(tmp / name, obj)
+        write_text(tmp / CARD_FILE, _model_card(config))
+    log.info("saved router (%d experts, %d layers) to %s", len(labels), model.num_layers, path)
+    return Path(path)
+
+
+def _model_card(config: dict) -> str:
+    backbone = config["backbone"]
+    source = config["metadata"].get("backbone_model") or backbone.get("_name_or_path") or backbone["model_type"]
+    experts = "\n".join(f"- `{x}`" for x in config["labels"])
+    return f"""# moegate router
+
+A DACT early-exit query router for a Mixture of RAG experts: it reads a question and names the
+expert, with a probability for every expert, leaving the encoder as soon as the answer cannot change.
+
+- backbone: `{source}` ({backbone['model_type']}, {config['num_layers']} layers)
+- experts ({config['num_experts']}):
+{experts}
+- ponder cost λ = {config['lambda_']}; max length {config['max_length']} tokens
+- exit rule ({config['exit_rule']['name']}): `{config['exit_rule']['formula']}`
+
+```python
+from moegate import Router
+router = Router.from_pretrained("path/to/this/dir")
+router.route(["your question"])  # .expert, .probability, .exit_layer, .distribution
+```
+
+Command line: `moegate route --router path/to/this/dir "your question"`.
+Evaluation results, when the evaluate stage has run, are in `metrics.json`.
+"""
+
+
+# -- loading and routing -----------------------------------------------------------------------------
+@dataclass
+class RouteResult:
+    """One question's routing: the chosen expert (None = abstain), its probability, the encoder layer
+    the answer left at (1..N), and expert → probability (the top_k most likely, descending)."""
+
+    expert: str | None
+    probability: float
+    exit_layer: int
+    distribution: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Router:
+    """A loaded router: ``route`` for applications, ``predict`` / ``predict_tokens`` for evaluation."""
+
+    def __init__(self, model: DactRouterModel, tokenizer, labels: list[str], max_length: int,
+                 config: dict | None = None, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.max_length = int(max_length)
+        self.config = config or {}
+        self.abstain_below = self.config.get("abstain_below")
+        self.lambda_ = self.config.get("lambda_")
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> "Router":
+        """Load a directory written by :func:`save_router`. Missing or mismatched files are errors
+        that name the file (and the tensor keys)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: router directory not found")
+        config = _read_router_config(path / CONFIG_FILE)
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: missing (a router directory stores its weights as safetensors)")
+        if not (path / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"{path / 'tokenizer_config.json'}: missing (the router's tokenizer files)")
+
+        backbone = dict(config["backbone"])
+        model_type = backbone.pop("model_type")
+        try:
+            encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **backbone))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path / CONFIG_FILE}: cannot rebuild backbone {model_type!r}: {e}") from e
+        model = DactRouterModel(encoder, len(config["labels"]), HeadConfig(**config["head"]))
+
+        try:
+            state = load_file(str(weights), device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{weights}: not a readable safetensors file: {e}") from e
+        _check_state(weights, model.state_dict(), state)
+        model.load_state_dict(state, strict=True)
+        if model.num_layers != config["num_layers"]:
+            raise ValueError(f"{path / CONFIG_FILE}: num_layers {config['num_layers']} but the backbone has "
+                             f"{model.num_layers}")
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if getattr(tokenizer, "padding_side", "right") != "right":
+            tokenizer.padding_side = "right"  # the model reads [CLS] at position 0
+        from moegate.encoder import device as pick_device
+
+        dev = pick_device(device) if device in ("auto", "cuda", "cpu") else torch.device(device)
+        log.info("loaded router %s: %d experts, %d layers, on %s", path, len(config["labels"]), model.num_layers, dev)
+        return cls(model, tokenizer, config["labels"], config["max_length"], config=config, device=dev)
+
+    # -- predictions ---------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), int64 (n, ≤ max_length), right-padded, truncated."""
+        texts = _check_texts(texts)
+        if not texts:
+            empty = torch.zeros((0, 1), dtype=torch.long)
+            return empty, empty.clone()
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return enc["input_ids"].long(), enc["attention_mask"].long()
+
+    def predict(self, texts: Sequence[str], early_exit: bool = True, batch_size: int = 64):
+        """(probs (n, K) float32, exit_layer (n,) int64) for each text, in input order."""
+        input_ids, attention_mask = self.tokenize(texts)
+        return self.predict_tokens(input_ids, attention_mask, early_exit=early_exit, batch_size=batch_size)
+
+    def predict_tokens(self, input_ids, attention_mask, early_exit: bool = True, batch_size: int = 64):
+        """Like :meth:`predict` on pre-tokenized, right-padded (n, L) tensors or arrays.
+
+        Rows are batched by length (less padding); each batch leaves the encoder row by row with the
+        early exit, or runs all layers with ``early_exit=False``. Results come back in input order.
+        """
+        from tqdm.auto import tqdm
+
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        attention_mask = torch.as_tensor(attention_mask, dtype=torch.long)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size: expected ≥ 1, got {batch_size!r}")
+        n = input_ids.shape[0]
+        probs = np.zeros((n, len(self.labels)), dtype=np.float32)
+        exit_layer = np.zeros(n, dtype=np.int64)
+        if n == 0:
+            return probs, exit_layer
+        order = torch.argsort(attention_mask.sum(1), stable=True)
+        run = self.model.early_exit if early_exit else self.model.full_depth
+        starts = range(0, n, int(batch_size))
+        for start in tqdm(starts, desc="routing", unit="batch", disable=None, leave=False):
+            idx = order[start : start + int(batch_size)]
+            p, e = run(input_ids[idx].to(self.device), attention_mask[idx].to(self.device))
+            probs[idx.numpy()] = p.float().cpu().numpy()
+            exit_layer[idx.numpy()] = e.cpu().numpy()
+        return probs, exit_layer
+
+    def route(self, texts: Sequence[str], top_k: int | None = None, abstain_below: float | None = None,
+              batch_size: int = 64) -> list[RouteResult]:
+        """One RouteResult per text, in order.
+
+        ``top_k`` keeps only the k most likely experts in ``.distribution``; ``abstain_below`` sets
+        ``.expert = None`` when the top probability is below it (default: the router's saved value).
+        """
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
+            raise ValueError(f"top_k: expected a positive integer or None, got {top_k!r}")
+        threshold = self.abstain_below if abstain_below is None else abstain_below
+        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"abstain_below: expected a probability in [0, 1], got {threshold!r}")
+        probs, exit_layer = self.predict(texts, early_exit=True, batch_size=batch_size)
+        k = len(self.labels) if top_k is None else min(int(top_k), len(self.labels))
+        results = []
+        for row, layer in zip(probs, exit_layer):
+            ranked = np.argsort(-row, kind="stable")  # ties: the earlier label first, like argmax
+            best = float(row[ranked[0]])
+            expert = None if threshold is not None and best < float(threshold) else self.labels[ranked[0]]
+            results.append(RouteResult(
+                expert=expert,
+                probability=best,
+                exit_layer=int(layer),
+                distribution={self.labels[j]: float(row[j]) for j in ranked[:k]},
+            ))
+        return results
+
+    def __repr__(self) -> str:
+        return f"Router(experts={self.labels}, layers={self.num_layers}, device={self.device})"
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("route/predict take a list of strings; wrap a single question in a list")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}]: expected a string, got {type(t).__name__}")
+    return texts
+
+
+def _read_router_config(path: Path) -> dict:
+    config = read_json(path)  # names the file when missing or not JSON
+    if not isinstance(config, dict) or "moegate_router" not in config:
+        raise ValueError(f"{path}: not a moegate router config (no 'moegate_router' key; "
+                         "is this a backbone directory?)")
+    if config["moegate_router"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: router format {config['moegate_router']!r}, this moegate reads {FORMAT_VERSION}")
+    required = {"labels": list, "max_length": int, "num_layers": int, "head": dict, "backbone": dict}
+    for key, kind in required.items():
+        if not isinstance(config.get(key), kind):
+            raise ValueError(f"{path}: key {key!r} must be a {kind.__name__}, got {config.get(key)!r}")
+    if "model_type" not in config["backbone"]:
+        raise ValueError(f"{path}: key 'backbone' has no 'model_type'")
+    if not config["labels"]:
+        raise ValueError(f"{path}: key 'labels' is empty")
+    return config
+
+
+def _check_state(file: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError naming the file and the keys when tensors are missing, extra or mis-shaped."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(found)) if found[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_first(unexpected)}")
+    if shapes:
+        problems.append(f"mismatched shapes {_first(shapes)}")
+    if problems:
+        raise ValueError(f"{file}: does not match the model described by config.json: " + "; ".join(problems))
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return json.dumps(items[:n]) + more

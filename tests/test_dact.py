@@ -1,0 +1,390 @@
+"""The DACT model: layer-by-layer encoder, the recursion, the loss, and the exact per-sample early exit.
+
+Float policy of these tests: results computed on different batch shapes differ by rounding (~1e-7),
+so probabilities are compared within 1e-5. An exit decision or an argmax can only flip where the
+exit margin or the top-two gap is itself within 1e-5 of zero (a float tie); the tests allow exactly
+that and nothing else, and check such ties stay rare.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    ElectraConfig,
+    ElectraModel,
+    GPT2Config,
+    GPT2Model,
+    RobertaConfig,
+    RobertaModel,
+)
+
+from moegate.dact import (
+    HALTING_BIAS_INIT,
+    DactRouterModel,
+    HeadConfig,
+    exit_condition,
+    exit_margin,
+)
+
+VOCAB = 60
+TOL = 1e-5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_encoder(arch: str = "bert", layers: int = 3, attn: str = "sdpa"):
+    if arch == "bert":
+        cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)
+        cfg._attn_implementation = attn
+        return BertModel(cfg)
+    if arch == "distilbert":
+        cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=layers, n_heads=2, hidden_dim=64,
+                               max_position_embeddings=64)
+        cfg._attn_implementation = attn
+        return DistilBertModel(cfg)
+    if arch == "roberta":
+        return RobertaModel(RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
+                                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=70))
+    if arch == "electra":
+        return ElectraModel(ElectraConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32,
+                                          num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                                          max_position_embeddings=64))
+    raise ValueError(arch)
+
+
+def randomize_heads(model: DactRouterModel, gen: torch.Generator, scale: float, halting_bias: float) -> None:
+    """Random DACT units: weights ~ N(0, scale²/fan_in), halting output biases around ``halting_bias``."""
+    with torch.no_grad():
+        for module in [model.projection, *model.classifiers, *model.halting]:
+            for p in module.parameters():
+                fan_in = p.shape[1] if p.dim() == 2 else 1
+                p.copy_(torch.randn(p.shape, generator=gen) * scale / fan_in**0.5)
+        for g in model.halting:
+            g.output.bias.copy_(halting_bias + torch.randn(1, generator=gen))
+
+
+def batch(lengths: list[int], gen: torch.Generator, width: int | None = None):
+    """Right-padded random token rows starting with [CLS]=2; pad id 0 (BERT's and DistilBERT's)."""
+    width = width or max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, VOCAB, (n,), generator=gen)
+        ids[i, 0] = 2
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def make_model(arch="bert", layers=3, experts=3, seed=0, scale=3.0, halting_bias=0.0, head=None):
+    torch.manual_seed(seed)
+    model = DactRouterModel(tiny_encoder(arch, layers), experts, head or HeadConfig(projection_dim=16, width=16))
+    randomize_heads(model, torch.Generator().manual_seed(seed), scale, halting_bias)
+    return model.eval()
+
+
+def margins(model: DactRouterModel, ids, mask) -> np.ndarray:
+    """(B, N) exit margins from the all-layer forward pass."""
+    with torch.no_grad():
+        out = model(ids, mask)
+    n = model.num_layers
+    cols = [exit_margin(out.a[k].log(), out.p[k].log(), n - (k + 1)) for k in range(n)]
+    return torch.stack(cols, 1).numpy()
+
+
+# -- the config and the encoder ---------------------------------------------------------------------
+def test_head_config_takes_the_config_section():
+    section = yaml.safe_load((REPO / "config.yaml").read_text())["router"]["head"]
+    assert HeadConfig(**section).to_dict() == section
+    with pytest.raises(ValueError, match="router.head.activation"):
+        HeadConfig(activation="swish")
+    with pytest.raises(ValueError, match="router.head.depth"):
+        HeadConfig(depth=-1)
+
+
+@pytest.mark.parametrize("arch,attn", [("bert", "sdpa"), ("bert", "eager"), ("distilbert", "sdpa"),
+                                       ("distilbert", "eager"), ("roberta", "sdpa"), ("electra", "sdpa")])
+def test_layer_by_layer_run_equals_the_hf_forward(arch, attn):
+    torch.manual_seed(0)
+    encoder = tiny_encoder(arch, 2, attn).eval()
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = batch([9, 4, 1, 7], gen)
+    ids[mask == 0] = encoder.config.pad_token_id
+    with torch.no_grad():
+        ref = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        model = DactRouterModel(encoder, 2).eval()
+        hidden = model._embed(ids)
+        layer_mask = model._layer_mask(hidden, mask)
+        for n in range(1, model.num_layers + 1):
+            hidden = model._run_layer(n, hidden, layer_mask)
+            real = mask.bool()  # padded positions' states are garbage in both and never read
+            torch.testing.assert_close(hidden[real], ref[n][real], atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_backbones_fail_clearly():
+    gpt2 = GPT2Model(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2))
+    with pytest.raises(TypeError, match="unsupported backbone GPT2Model"):
+        DactRouterModel(gpt2, 3)
+    wrapped = BertForSequenceClassification(tiny_encoder("bert", 2).config)
+    with pytest.raises(TypeError, match=r"pass its base encoder \(model.bert\)"):
+        DactRouterModel(wrapped, 3)
+
+
+def test_left_padding_is_rejected_with_the_rows():
+    model = make_model()
+    ids, mask = batch([3, 4, 5], torch.Generator().manual_seed(0), width=5)
+    mask = mask.flip(1)  # the full-length row stays valid
+    with pytest.raises(ValueError, match=r"rows \[0, 1\].*right-padded"):
+        model.early_exit(ids, mask)
+
+
+# -- the recursion and the loss -----------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_forward_follows_the_dact_recursion(arch):
+    model = make_model(arch, layers=3, experts=4, seed=3, halting_bias=1.0)
+    ids, mask = batch([6, 2, 9], torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(ids, mask)
+    n_layers, rows, k = out.a.shape
+    assert (n_layers, rows, k) == (3, 3, 4) and out.log_a.shape == (3, 4) and out.p.shape == (3, 3)
+    y, h = out.y.double(), out.h.double()
+    p_prev, a = torch.ones(rows, dtype=torch.float64), torch.zeros(rows, k, dtype=torch.float64)
+    for n in range(n_layers):  # the plain formula of DESIGN, in float64
+        a = y[n] * p_prev[:, None] + a * (1 - p_prev[:, None])
+        p_prev = h[n] * p_prev
+        torch.testing.assert_close(out.a[n].double(), a, atol=TOL, rtol=0)
+        torch.testing.assert_close(out.p[n].double(), p_prev, atol=TOL, rtol=0)
+    torch.testing.assert_close(out.log_a.exp(), out.a[-1])
+    torch.testing.assert_close(out.a.sum(-1), torch.ones(n_layers, rows), atol=TOL, rtol=0)
+    assert bool((out.p[1:] <= out.p[:-1]).all())
+
+
+def test_fresh_halting_heads_start_at_the_documented_value():
+    torch.manual_seed(0)
+    model = DactRouterModel(tiny_encoder("bert", 3), 3, HeadConfig(projection_dim=16, width=16)).eval()
+    ids, mask = batch([5, 3], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = model(ids, mask).h
+    torch.testing.assert_close(h, torch.full_like(h, torch.sigmoid(torch.tensor(HALTING_BIAS_INIT)).item()))
+
+
+def test_saturated_halting_keeps_log_a_finite():
+    model = make_model(halting_bias=200.0)  # h = 1 in float32: 1 - p must not become log(0)
+    ids, mask = batch([4, 6], torch.Generator().manual_seed(0))
+    out = model.train()(ids, mask)
+    total, _, _ = model.loss(out, torch.tensor([0, 1]), 0.1)
+    total.backward()
+    assert torch.isfinite(out.log_a).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("head", [HeadConfig(projection_dim=16, width=16),
+                                  HeadConfig(projection_dim=16, depth=2, width=8, batch_norm=True, activation="tanh"),
+                                  HeadConfig(projection_dim=16, depth=0, activation="relu")])
+def test_loss_is_nll_plus_lambda_ponder_and_gradients_reach_every_part(head):
+    torch.manual_seed(0)
+    model = DactRouterModel(tiny_encoder("bert", 3), 3, head).train()
+    ids, mask = batch([5, 8, 3, 6], torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2, 1, 2])
+    out = model(ids, mask)
+    total, nll, ponder = model.loss(out, labels, 0.5)
+    torch.testing.assert_close(nll, -out.log_a[torch.arange(4), labels].mean())
+    torch.testing.assert_close(ponder, out.p.sum(0).mean())
+    torch.testing.assert_close(total, nll + 0.5 * ponder)
+    total.backward()
+    parts = {
+        "embeddings": model.encoder.embeddings.word_embeddings.weight,
+        "projection": model.projection[0].weight,
+        **{f"layer{n}": layer.attention.self.query.weight for n, layer in enumerate(model.encoder.encoder.layer, 1)},
+        **{f"classifier{n}": c.output.weight for n, c in enumerate(model.classifiers, 1)},
+        **{f"halting{n}": g.output.weight for n, g in enumerate(model.halting, 1)},
+    }
+    for name, param in parts.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+# -- the exit rule --------------------------------------------------------------------------------------
+def test_exit_rule_by_hand():
+    log_a = torch.tensor([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [0.5, 0.5, 0.0]]).log()
+    log_p = torch.tensor([0.01, 0.3, 0.0001]).log()
+    # 0.7·0.99² = 0.686 ≥ 0.2 + 0.02;  0.7·0.7² = 0.343 < 0.2 + 0.6;  a tie never passes with p > 0
+    assert exit_condition(log_a, log_p, 2).tolist() == [True, False, False]
+    torch.testing.assert_close(exit_margin(log_a, log_p, 2)[:2], torch.tensor([0.7 * 0.99**2 - 0.22, 0.343 - 0.8]))
+    assert exit_condition(log_a, log_p, 0).all()  # last layer: everyone exits
+    one_expert = torch.zeros(2, 1)
+    assert exit_condition(one_expert, torch.tensor([0.5, 0.9]).log(), 3).all()
+
+
+# -- early exit: exactness, batch independence, real savings -------------------------------------------
+@st.composite
+def cases(draw):
+    return dict(
+        arch=draw(st.sampled_from(["bert", "distilbert"])),
+        layers=draw(st.sampled_from([1, 2, 3, 4, 6])),
+        experts=draw(st.integers(2, 5)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        scale=draw(st.floats(0.5, 8.0)),
+        halting_bias=draw(st.floats(-9.0, 4.0)),
+        lengths=draw(st.lists(st.integers(1, 12), min_size=1, max_size=6)),
+        companions=draw(st.lists(st.integers(1, 20), min_size=1, max_size=4)),
+    )
+
+
+def seeded_case(seed: int) -> dict:
+    """A case drawn uniformly (hypothesis favours simple values; this sweep covers the space evenly)."""
+    rng = np.random.default_rng(seed)
+    return dict(
+        arch=str(rng.choice(["bert", "distilbert"])),
+        layers=int(rng.choice([2, 3, 4, 6])),
+        experts=int(rng.integers(2, 6)),
+        seed=seed,
+        scale=float(rng.uniform(0.5, 8.0)),
+        halting_bias=float(rng.uniform(-7.0, 4.0)),
+        lengths=rng.integers(1, 13, size=int(rng.integers(2, 9))).tolist(),
+        companions=rng.integers(1, 21, size=int(rng.integers(1, 5))).tolist(),
+    )
+
+
+def check_case(case: dict) -> dict:
+    """Assert properties (1)-(4) for one random model and batch; return counts for coverage checks."""
+    model = make_model(case["arch"], case["layers"], case["experts"], case["seed"], case["scale"],
+                       case["halting_bias"])
+    gen = torch.Generator().manual_seed(case["seed"])
+    ids, mask = batch(case["lengths"], gen)
+    rows, n_layers = len(case["lengths"]), model.num_layers
+    with torch.no_grad():
+        out = model(ids, mask)
+    probs, layer = model.early_exit(ids, mask)
+    full, full_layer = model.full_depth(ids, mask)
+    margin = margins(model, ids, mask)
+    counts = {"rows": rows, "early": int((layer < n_layers).sum()), "ties": 0, "layers": set(layer.tolist())}
+    assert full_layer.tolist() == [n_layers] * rows
+    torch.testing.assert_close(full, out.a[-1], atol=TOL, rtol=0)
+
+    # (4) every a_n is a distribution
+    torch.testing.assert_close(out.a.sum(-1), torch.ones_like(out.p), atol=TOL, rtol=0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(rows), atol=TOL, rtol=0)
+    assert ((layer >= 1) & (layer <= n_layers)).all()
+
+    for i in range(rows):
+        n = int(layer[i])
+        # the early answer is a_n of this row at its exit layer
+        torch.testing.assert_close(probs[i], out.a[n - 1, i], atol=TOL, rtol=0)
+        # (3) the bound held at the exit layer, and failed at every earlier one
+        assert margin[i, n - 1] >= -TOL, f"row {i} exited at {n} with margin {margin[i, n - 1]}: {case}"
+        assert (margin[i, : n - 1] < TOL).all(), f"row {i} passed the rule before layer {n}: {margin[i]}: {case}"
+        # (1) early-exit argmax == full-depth argmax, unless full depth has a float tie at the top
+        top2 = full[i].topk(2).values
+        if top2[0] - top2[1] > TOL:
+            assert int(probs[i].argmax()) == int(full[i].argmax()), f"row {i}: {case}"
+        else:
+            counts["ties"] += 1
+
+    # (2) a row's result does not depend on its batch: alone, and among other and longer rows
+    others, others_mask = batch(case["companions"], gen, width=max(case["companions"] + case["lengths"]) + 3)
+    for i, length in enumerate(case["lengths"]):
+        alone = model.early_exit(ids[i : i + 1, :length], mask[i : i + 1, :length])
+        mixed_ids = torch.cat([others[:1], _pad(ids[i : i + 1], others.shape[1]), others[1:]])
+        mixed_mask = torch.cat([others_mask[:1], _pad(mask[i : i + 1], others.shape[1]), others_mask[1:]])
+        mixed = model.early_exit(mixed_ids, mixed_mask)
+        for p, e in [(alone[0][0], alone[1][0]), (mixed[0][1], mixed[1][1])]:
+            if int(e) == int(layer[i]):
+                torch.testing.assert_close(p, probs[i], atol=TOL, rtol=0)
+            else:  # only a float tie of the exit margin at the earlier of the two layers may flip it
+                counts["ties"] += 1
+                assert abs(margin[i, min(int(e), int(layer[i])) - 1]) < TOL, f"row {i}: {case}"
+    return counts
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_early_exit_is_exact_and_independent_of_the_batch(case):
+    check_case(case)
+
+
+def test_early_exit_properties_over_many_seeds():
+    totals = {"rows": 0, "early": 0, "ties": 0}
+    exit_layers: set[int] = set()
+    for seed in range(30):
+        counts = check_case(seeded_case(seed))
+        exit_layers |= counts.pop("layers")
+        for key in totals:
+            totals[key] += counts[key]
+    # the sweep must exercise early exits at several depths, or the checks above prove little
+    assert totals["early"] >= totals["rows"] // 5 and len(exit_layers) >= 4, (totals, exit_layers)
+    assert totals["ties"] <= max(1, totals["rows"] // 50), totals  # float ties are rare events
+
+
+def test_halted_rows_really_leave_the_batch():
+    model = make_model(layers=4, experts=3, seed=5, scale=6.0, halting_bias=-4.0)
+    gen = torch.Generator().manual_seed(5)
+    ids, mask = batch([3, 9, 5, 12, 7, 4, 10, 6, 8, 11, 2, 5], gen)
+    seen: dict[int, list[int]] = {n: [] for n in range(1, 5)}
+    hooks = [layer.register_forward_hook(lambda m, args, out, n=n: seen[n].append(args[0].shape[0]))
+             for n, layer in enumerate(model.encoder.encoder.layer, 1)]
+    try:
+        _, layer = model.early_exit(ids, mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    counts = np.bincount(layer.numpy(), minlength=5)
+    active = [len(ids) - counts[1:n].sum() for n in range(1, 5)]  # rows that entered layer n
+    assert [sum(seen[n]) for n in range(1, 5)] == active
+    assert counts[1:4].sum() > 0 and active[-1] < len(ids), f"nothing exited early: {counts}"
+
+
+def test_all_rows_exit_at_layer_one_when_halting_and_confident():
+    model = make_model(layers=3, seed=1, scale=0.1, halting_bias=-30.0)
+    with torch.no_grad():
+        model.classifiers[0].output.bias.copy_(torch.tensor([20.0, 0.0, 0.0]))
+    ids, mask = batch([4, 7, 2], torch.Generator().manual_seed(1))
+    probs, layer = model.early_exit(ids, mask)
+    assert layer.tolist() == [1, 1, 1] and probs.argmax(1).tolist() == [0, 0, 0]
+
+
+def test_never_halting_runs_full_depth():
+    model = make_model(layers=3, seed=2, halting_bias=30.0)
+    for g in model.halting:  # h = sigmoid(≈30) for every input: p ≈ 1, the bound cannot hold early
+        torch.nn.init.zeros_(g.output.weight)
+    ids, mask = batch([4, 7, 2], torch.Generator().manual_seed(2))
+    probs, layer = model.early_exit(ids, mask)
+    full, _ = model.full_depth(ids, mask)
+    assert layer.tolist() == [3, 3, 3]
+    torch.testing.assert_close(probs, full, atol=TOL, rtol=0)
+
+
+def test_trailing_padding_and_empty_batches_change_nothing():
+    model = make_model(seed=4, halting_bias=-3.0)
+    ids, mask = batch([4, 6], torch.Generator().manual_seed(4))
+    probs, layer = model.early_exit(ids, mask)
+    wide_probs, wide_layer = model.early_exit(_pad(ids, 40), _pad(mask, 40))
+    torch.testing.assert_close(wide_probs, probs, atol=TOL, rtol=0)
+    assert wide_layer.tolist() == layer.tolist()
+    empty_probs, empty_layer = model.early_exit(ids[:0], mask[:0])
+    assert empty_probs.shape == (0, 3) and empty_layer.shape == (0,)
+
+
+def test_inference_runs_in_eval_mode_and_restores_training():
+    head = HeadConfig(projection_dim=16, depth=1, width=8, batch_norm=True, dropout=0.5)
+    model = make_model(seed=6, head=head).train()
+    ids, mask = batch([5], torch.Generator().manual_seed(6))  # one row: BatchNorm must use running stats
+    first = model.early_exit(ids, mask)
+    again = model.early_exit(ids, mask)  # dropout would make these differ
+    torch.testing.assert_close(first[0], again[0])
+    assert model.training
