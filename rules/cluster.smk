@@ -11,5 +11,9 @@ rule cluster:
         ),
     log:
         str(L.logs / "cluster" / "{expert}.log"),
+    resources:
+        cpus_per_task=2,
+        mem_mb=per_attempt(8000),
+        runtime=per_attempt(30),
     shell:
         "moegate cluster --config {CONFIG:q} --expert {wildcards.expert} 2> {log:q}"

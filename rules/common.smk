@@ -10,6 +10,13 @@ from moegate.layout import STUDIES, Layout
 
 validate_config(config, source="snakemake config")
 L = Layout.from_config(config)
+if workflow.remote_exec and L.resolved_config.is_file():
+    # A Slurm job parses the workflow again, but Snakemake 9.27 does not pass it --replace-workflow-config,
+    # so config.yaml would be merged back in: the job takes the config its login-node run resolved.
+    import yaml
+
+    config.clear()
+    config.update(yaml.safe_load(L.resolved_config.read_text()))
 EXPERTS = list(config["experts"])
 WORKERS = list(range(config["tuning"]["workers"]))
 
@@ -50,8 +57,27 @@ def all_queries(wildcards):
 
 def final_outputs():
     outs = []
-    for e in EXPERTS:
-        outs += [str(L.cluster_summary(e)), str(L.cluster_plot(e))]
+    if not config["dataset"]["labelled_csv"]:  # a user's own labelled questions skip the KB stages
+        for e in EXPERTS:
+            outs += [str(L.cluster_summary(e)), str(L.cluster_plot(e))]
     outs += [str(L.router / "model.safetensors"), str(L.router / "metrics.json")]
     outs += [str(L.tuning / "lambda_pareto.csv")]
     return outs
+
+
+# -- Slurm (slurm_profile/): what stays on the login node, and what a retried job asks for --------
+# synthesize may call a hosted LLM API that compute nodes cannot reach; the others are seconds of work.
+localrules:
+    all,
+    synthesize,
+    tune_collect,
+    tune_lambda_collect,
+
+
+def per_attempt(base):
+    """A resource callable: ``base`` on attempt 1, ``n * base`` on attempt n (after OOM or a time limit)."""
+
+    def scaled(wildcards, attempt):
+        return base * attempt
+
+    return scaled

@@ -14,6 +14,10 @@ rule dataset:
         str(L.logs / "dataset.benchmark.tsv")
     conda:
         "../envs/moegate.yaml"
+    resources:
+        cpus_per_task=1,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(15),
     params:
         config=CONFIG,
     shell:

@@ -11,5 +11,10 @@ rule train_router:
         str(L.logs / "train_router.log"),
     benchmark:
         str(L.logs / "train_router.benchmark.tsv")
+    threads: 4  # torch's intra-op threads (OMP_NUM_THREADS); capped by --cores locally
+    resources:
+        cpus_per_task=4,
+        mem_mb=per_attempt(16000),
+        runtime=per_attempt(120),
     shell:
         "moegate train-router --config {CONFIG:q} 2> {log:q}"

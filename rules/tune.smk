@@ -11,15 +11,32 @@ def tune_inputs(wildcards):
     return inputs
 
 
+# The study is created once before its workers start: N workers creating Optuna's tables on an empty
+# PostgreSQL at the same moment crash (workers also retry that race, as a safety net).
+rule tune_create:
+    output:
+        touch(str(L.tuning / "{study}" / "study.created")),
+    localrule: True
+    log:
+        str(L.logs / "tune" / "{study}.create.log"),
+    shell:
+        "moegate tune {wildcards.study} --config {CONFIG:q} --create 2> {log:q}"
+
+
 rule tune_worker:
     input:
         tune_inputs,
+        str(L.tuning / "{study}" / "study.created"),
     output:
         touch(str(L.worker_done("{study}", "{worker}"))),
     log:
         str(L.logs / "tune" / "{study}.worker{worker}.log"),
     benchmark:
         str(L.logs / "tune" / "{study}.worker{worker}.benchmark.tsv")
+    resources:
+        cpus_per_task=4,
+        mem_mb=per_attempt(16000),
+        runtime=per_attempt(240),
     shell:
         "moegate tune {wildcards.study} --config {CONFIG:q} --worker {wildcards.worker} 2> {log:q}"
 

@@ -135,3 +135,23 @@ def tiny_run(tmp_path, tiny_bert_dir) -> dict:
     config = load(path)
     dataset(config)
     return config
+
+
+# -- tuning storage: a real PostgreSQL (tests/services/postgres.py) --------------------------------
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for this test session (password auth on 127.0.0.1); skips when unavailable.
+    ``postgres.database()`` makes an empty database and returns its URL without the password."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "services"))
+    from postgres import PostgresServer, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

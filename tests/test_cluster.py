@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_config
 from sklearn.decomposition import PCA
 
 from moegate.cluster import ClusterError, attach_noise, cluster, project
 from moegate.config import load
 from moegate.io import write_parquet
 from moegate.layout import Layout
-
-from conftest import write_config
 
 DIM = 16
 BLOB = 25
@@ -33,6 +32,7 @@ def blobs(seed: int = 0) -> np.ndarray:
 def make_run(tmp_path, vectors: np.ndarray, expert: str = "course", **cluster_cfg) -> dict:
     """A validated config whose results dir holds kb/{expert}.parquet with ``vectors``."""
     cfg = {"pca_components": 5, "min_cluster_size": 5, **cluster_cfg}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = load(write_config(tmp_path, cluster=cfg, experts={
         expert: {"source": "unused.jsonl"}, "other": {"source": "unused.jsonl"}}))
     n = len(vectors)
@@ -76,7 +76,7 @@ def test_outputs_and_summary(tmp_path):
     assert pca["explained_variance_total"] == pytest.approx(sum(pca["explained_variance_ratio"]), abs=1e-3)
     assert 0.5 < pca["explained_variance_total"] <= 1.0
     assert summary["params"] == {"min_cluster_size": 5, "min_samples": None, "min_samples_effective": 5,
-                                 "metric": "euclidean", "noise": "keep"}
+                                 "metric": "euclidean", "selection": "eom", "noise": "keep"}
 
     clusters = {c["cluster"]: c for c in summary["clusters"]}
     assert set(clusters) == {-1, 0, 1, 2}
@@ -175,6 +175,18 @@ def test_fraction_and_cosine_in_the_stage(tmp_path):
     assert summary["pca"]["requested"] == 0.8 and summary["pca"]["explained_variance_total"] >= 0.8
     assert summary["params"]["metric"] == "cosine" and summary["params"]["min_samples_effective"] == 3
     assert summary["n_clusters"] >= 3 and len(frame) == len(blobs())
+
+
+def test_leaf_selection_finds_the_finer_clusters(tmp_path):
+    # two groups of two sub-blobs each: eom keeps the two persistent groups, leaf the four sub-blobs
+    rng = np.random.default_rng(1)
+    centres = [np.r_[g * 60 + s * 7, np.zeros(DIM - 1)] for g in (0, 1) for s in (0, 1)]
+    vectors = np.concatenate([c + rng.normal(size=(40, DIM)) for c in centres])
+    found = {}
+    for selection in ("eom", "leaf"):
+        config = make_run(tmp_path / selection, vectors, min_cluster_size=8, selection=selection, noise="keep")
+        found[selection] = cluster(config, "course")["n_clusters"]
+    assert found == {"eom": 2, "leaf": 4}
 
 
 def test_deterministic(tmp_path):

@@ -95,12 +95,15 @@ def make_model(arch="bert", layers=3, experts=3, seed=0, scale=3.0, halting_bias
 
 
 def margins(model: DactRouterModel, ids, mask) -> np.ndarray:
-    """(B, N) exit margins from the all-layer forward pass."""
+    """(B, N) exit margins a_n[c*]·(1−p_n)^d − a_n[c_ru] − d·p_n, written out here in float64 from the
+    all-layer forward pass (independent of moegate.dact.exit_margin)."""
     with torch.no_grad():
         out = model(ids, mask)
-    n = model.num_layers
-    cols = [exit_margin(out.a[k].log(), out.p[k].log(), n - (k + 1)) for k in range(n)]
-    return torch.stack(cols, 1).numpy()
+    a, p = out.a.double().numpy(), out.p.double().numpy()
+    n_layers = a.shape[0]
+    top = -np.sort(-a, axis=-1)
+    d = (n_layers - np.arange(1, n_layers + 1))[:, None]
+    return (top[..., 0] * (1 - p) ** d - top[..., 1] - d * p).T
 
 
 # -- the config and the encoder ---------------------------------------------------------------------
@@ -179,14 +182,20 @@ def test_fresh_halting_heads_start_at_the_documented_value():
     torch.testing.assert_close(h, torch.full_like(h, torch.sigmoid(torch.tensor(HALTING_BIAS_INIT)).item()))
 
 
-def test_saturated_halting_keeps_log_a_finite():
-    model = make_model(halting_bias=200.0)  # h = 1 in float32: 1 - p must not become log(0)
+@pytest.mark.parametrize("halting_bias", [18.0, 200.0])
+def test_saturated_halting_keeps_log_a_and_gradients_finite(halting_bias):
+    # 18: p = 1 − 1.5e-8, exp(log p) rounds to 1 in float32; 200: log p itself rounds to 0
+    model = make_model()
+    for g in model.halting:
+        torch.nn.init.zeros_(g.output.weight)
+        torch.nn.init.constant_(g.output.bias, halting_bias)
     ids, mask = batch([4, 6], torch.Generator().manual_seed(0))
     out = model.train()(ids, mask)
     total, _, _ = model.loss(out, torch.tensor([0, 1]), 0.1)
     total.backward()
     assert torch.isfinite(out.log_a).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), f"non-finite gradient in {name}"
 
 
 @pytest.mark.parametrize("head", [HeadConfig(projection_dim=16, width=16),
@@ -229,31 +238,31 @@ def test_exit_rule_by_hand():
 # -- early exit: exactness, batch independence, real savings -------------------------------------------
 @st.composite
 def cases(draw):
-    return dict(
-        arch=draw(st.sampled_from(["bert", "distilbert"])),
-        layers=draw(st.sampled_from([1, 2, 3, 4, 6])),
-        experts=draw(st.integers(2, 5)),
-        seed=draw(st.integers(0, 2**31 - 1)),
-        scale=draw(st.floats(0.5, 8.0)),
-        halting_bias=draw(st.floats(-9.0, 4.0)),
-        lengths=draw(st.lists(st.integers(1, 12), min_size=1, max_size=6)),
-        companions=draw(st.lists(st.integers(1, 20), min_size=1, max_size=4)),
-    )
+    return {
+        "arch": draw(st.sampled_from(["bert", "distilbert"])),
+        "layers": draw(st.sampled_from([1, 2, 3, 4, 6])),
+        "experts": draw(st.integers(2, 5)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "scale": draw(st.floats(0.5, 8.0)),
+        "halting_bias": draw(st.floats(-9.0, 4.0)),
+        "lengths": draw(st.lists(st.integers(1, 12), min_size=1, max_size=6)),
+        "companions": draw(st.lists(st.integers(1, 20), min_size=1, max_size=4)),
+    }
 
 
 def seeded_case(seed: int) -> dict:
     """A case drawn uniformly (hypothesis favours simple values; this sweep covers the space evenly)."""
     rng = np.random.default_rng(seed)
-    return dict(
-        arch=str(rng.choice(["bert", "distilbert"])),
-        layers=int(rng.choice([2, 3, 4, 6])),
-        experts=int(rng.integers(2, 6)),
-        seed=seed,
-        scale=float(rng.uniform(0.5, 8.0)),
-        halting_bias=float(rng.uniform(-7.0, 4.0)),
-        lengths=rng.integers(1, 13, size=int(rng.integers(2, 9))).tolist(),
-        companions=rng.integers(1, 21, size=int(rng.integers(1, 5))).tolist(),
-    )
+    return {
+        "arch": str(rng.choice(["bert", "distilbert"])),
+        "layers": int(rng.choice([2, 3, 4, 6])),
+        "experts": int(rng.integers(2, 6)),
+        "seed": seed,
+        "scale": float(rng.uniform(0.5, 8.0)),
+        "halting_bias": float(rng.uniform(-7.0, 4.0)),
+        "lengths": rng.integers(1, 13, size=int(rng.integers(2, 9))).tolist(),
+        "companions": rng.integers(1, 21, size=int(rng.integers(1, 5))).tolist(),
+    }
 
 
 def check_case(case: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -10,22 +11,22 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import DEMO, write_config
 from typer.testing import CliRunner
 
 from moegate.cli import app
 from moegate.config import load
-from moegate.encoder import resolve_model
+from moegate.encoder import embed, resolve_model
 from moegate.ingest import (
     IngestError,
     chunk_document,
     clean_html,
     clean_markdown,
+    embed_cached,
     ingest,
     token_windows,
 )
 from moegate.layout import Layout
-
-from conftest import DEMO, write_config
 
 DIM = 8
 
@@ -239,10 +240,23 @@ def test_clean_markdown_keeps_readable_text():
                  "size 12", "**", "`", "editor", "&amp;", "###"):
         assert gone not in text, gone
     assert text.startswith("By the end of this section, you will be able to:\nExplain the process of measurement")
-    assert "The mass is 2.98 2.98 × 105 kg, see Appendix B and ^3H&E." in text
+    assert "The mass is 2.98 2.98 × 10^5 kg, see Appendix B and ^3H&E." in text
     assert "Units" in text and "kilogram" in text and "kg" in text
     assert text.endswith("Final sentence with emphasis and code.")
     assert "\n\n\n" not in text
+
+
+def test_mathml_becomes_linear_text():
+    ns = 'xmlns="http://www.w3.org/1998/Math/MathML"'
+    speed = (f"<math {ns}><mrow><mi>v</mi><mo>=</mo><mfrac><mrow><mtext>Δ</mtext><mi>x</mi></mrow>"
+             "<mrow><mi>t</mi></mrow></mfrac></mrow></math>\n\n is the speed and")
+    assert clean_markdown(speed) == "v = (Δx)/(t) is the speed and"
+    area = f"An area <math {ns}><msup><mi>r</mi><mn>2</mn></msup><msub><mi>x</mi><mn>0</mn></msub></math>. Next"
+    assert clean_markdown(area) == "An area r^2x0. Next"
+    display = f"Newton wrote <math {ns}><mi>F</mi><mo>=</mo><mi>m</mi><mi>a</mi></math>\n\nThe next paragraph."
+    assert clean_markdown(display) == "Newton wrote F = ma\n\nThe next paragraph."
+    broken = f"Broken <math {ns}><mi>a</mi><mo>&nbsp;+</mo><mi>b</mi></math> here"  # not XML: tokens only
+    assert clean_markdown(broken) == "Broken a + b here"
 
 
 def test_clean_html_drops_scripts_and_tags():
@@ -258,7 +272,7 @@ def test_token_windows_overlap_and_trailing_merge():
     n = 100
     windows = token_windows([True] * n, [False] * n, chunk_tokens=30, overlap=10, min_chunk_tokens=5)
     assert windows[0] == (0, 30)
-    for (a1, b1), (a2, b2) in zip(windows, windows[1:]):
+    for (a1, b1), (a2, b2) in itertools.pairwise(windows):
         assert b1 - a2 == 10  # every word is one token here, so the overlap is exact
         assert b2 - a2 <= 30 + 5
     assert windows[-1][1] == n
@@ -292,7 +306,7 @@ def test_chunk_document_overlap_with_real_tokenizer():
     text = " ".join(words[i % len(words)] for i in range(300))
     chunks = chunk_document(text, tokenizer, chunk_tokens=40, overlap=12, min_chunk_tokens=5)
     assert len(chunks) > 5
-    for prev, nxt in zip(chunks, chunks[1:]):
+    for prev, nxt in itertools.pairwise(chunks):
         shared = prev.end - nxt.first
         assert 12 <= shared <= 12 + 3  # at least the overlap; a word's pieces never split
         assert nxt.start_char < prev.end_char
@@ -323,9 +337,9 @@ def _documents(root: Path) -> Path:
 
 def test_document_folder_end_to_end(tmp_path, tiny_bert_dir):
     folder = _documents(tmp_path / "biology")
-    sections = dict(encoder={"model": str(tiny_bert_dir), "batch_size": 4, "max_length": 64},
-                    ingest={"chunk_tokens": 40, "chunk_overlap": 8, "min_chunk_tokens": 5, "exclude": ["LICENSE*"]},
-                    device="cpu")
+    sections = {"encoder": {"model": str(tiny_bert_dir), "batch_size": 4, "max_length": 64},
+                    "ingest": {"chunk_tokens": 40, "chunk_overlap": 8, "min_chunk_tokens": 5, "exclude": ["LICENSE*"]},
+                    "device": "cpu"}
     config = _config(tmp_path, {"biology": folder}, **sections)
     report = ingest(config, "biology")
     kb = _kb(config, "biology")
@@ -348,8 +362,10 @@ def test_document_folder_end_to_end(tmp_path, tiny_bert_dir):
     vectors = np.stack(kb["embedding"].to_numpy())
     assert vectors.shape == (len(kb), 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
-    # a rerun gives the same ids, texts and embeddings (ids are the file and the chunk's place in it)
-    ingest(config, "biology")
+    assert report["embedding_cache"] == {"cached": 0, "computed": len(kb)}
+    # a rerun gives the same ids, texts and embeddings (ids are the file and the chunk's place in it),
+    # all from the embedding cache
+    assert ingest(config, "biology")["embedding_cache"] == {"cached": len(kb), "computed": 0}
     again = _kb(config, "biology")
     assert again["id"].tolist() == kb["id"].tolist() and again["text"].tolist() == kb["text"].tolist()
     np.testing.assert_allclose(np.stack(again["embedding"].to_numpy()), vectors, atol=1e-6)
@@ -357,8 +373,6 @@ def test_document_folder_end_to_end(tmp_path, tiny_bert_dir):
 
 def test_embedding_order_survives_length_sorting(tmp_path, tiny_bert_dir):
     """Chunks are embedded longest first; each row must still get its own text's embedding."""
-    from moegate.encoder import embed
-
     folder = tmp_path / "docs"
     folder.mkdir()
     for i, n in enumerate([3, 40, 12, 25]):
@@ -370,6 +384,26 @@ def test_embedding_order_survives_length_sorting(tmp_path, tiny_bert_dir):
     kb = _kb(config, "docs")
     direct = embed(kb["text"].tolist(), str(tiny_bert_dir), batch_size=1, max_length=64, device_setting="cpu")
     np.testing.assert_allclose(np.stack(kb["embedding"].to_numpy()), direct, atol=1e-5)
+
+
+def test_embedding_cache_resumes_and_follows_the_encoder(tmp_path, tiny_bert_dir):
+    encoder = {"model": str(tiny_bert_dir), "batch_size": 2, "max_length": 32}
+    texts = [f"sentence {i} about {'cells' if i % 2 else 'stars'}" for i in range(7)] + ["sentence 0 about stars"]
+    cache = tmp_path / "cache"
+    # a job that died after embedding three texts left them in the cache (flushed every 2)
+    first, counts = embed_cached(texts[:3], encoder, "cpu", cache, desc="x", flush_every=2)
+    assert counts == {"cached": 0, "computed": 3} and len(list(cache.glob("*.npz"))) == 2
+    full, counts = embed_cached(texts, encoder, "cpu", cache, desc="x")
+    assert counts == {"cached": 3, "computed": 4}  # 8 texts, 7 distinct
+    np.testing.assert_array_equal(full[:3], first)
+    np.testing.assert_array_equal(full[7], full[0])
+    direct = embed(texts, str(tiny_bert_dir), batch_size=8, max_length=32, device_setting="cpu")
+    np.testing.assert_allclose(full, direct, atol=1e-5)
+    # another max_length is another encoding: nothing is reused
+    _, counts = embed_cached(texts, dict(encoder, max_length=16), "cpu", cache, desc="x")
+    assert counts == {"cached": 0, "computed": 7}
+    (cache / "broken.npz").write_bytes(b"not a zip")  # an unreadable shard is ignored, not fatal
+    assert embed_cached(texts, encoder, "cpu", cache, desc="x")[1] == {"cached": 7, "computed": 0}
 
 
 def test_documents_with_the_real_minilm_encoder(tmp_path):

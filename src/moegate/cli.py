@@ -67,9 +67,14 @@ def cluster(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
 @app.command()
 def synthesize(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
     """Write likely student questions for each context of one expert's clusters."""
+    from moegate.llm import LLMError
     from moegate.synthesize import synthesize as run
 
-    run(_config(config), expert)
+    try:
+        run(_config(config), expert)
+    except LLMError as e:  # no key, key rejected, unknown model: a message, not a traceback
+        typer.echo(f"synthesize {expert}: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -138,8 +143,13 @@ def route(
     """Route questions; print one JSON object per question."""
     from moegate.router import Router
 
-    gate = Router.from_pretrained(router)
-    for q, r in zip(questions, gate.route(questions, top_k=top_k, abstain_below=abstain_below)):
+    try:
+        gate = Router.from_pretrained(router)
+        results = gate.route(questions, top_k=top_k, abstain_below=abstain_below)
+    except (FileNotFoundError, ValueError) as e:  # a broken router dir or bad option: say which, no traceback
+        typer.echo(f"moegate route: {e}", err=True)
+        raise typer.Exit(2) from None
+    for q, r in zip(questions, results):
         typer.echo(json.dumps({"question": q, **r.to_dict()}))
 
 

@@ -93,8 +93,8 @@ def project(x: np.ndarray, components: float) -> Projection:
     return Projection(coords, pca, components, [float(v) for v in pca.explained_variance_ratio_])
 
 
-def hdbscan_labels(coords: np.ndarray, min_cluster_size: int, min_samples: int | None,
-                   metric: str) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+def hdbscan_labels(coords: np.ndarray, min_cluster_size: int, min_samples: int | None, metric: str,
+                   selection: str = "eom") -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
     """(labels, membership probabilities, persistence by label) from HDBSCAN on ``coords``.
 
     ``metric`` cosine is expected to have been handled by normalising before PCA (euclidean here).
@@ -105,6 +105,7 @@ def hdbscan_labels(coords: np.ndarray, min_cluster_size: int, min_samples: int |
         min_cluster_size=min_cluster_size,
         min_samples=min_samples,
         metric="manhattan" if metric == "manhattan" else "euclidean",
+        cluster_selection_method=selection,
         core_dist_n_jobs=1,  # the reduced data is small; worker processes cost more than they save
     )
     labels = model.fit_predict(coords)
@@ -170,7 +171,8 @@ def cluster(config: dict, expert: str) -> dict:
         fallback = "too_few_chunks" if n < min_cluster_size else "no_variance"
         raw, probability = np.zeros(n, dtype=np.int64), np.ones(n)
     else:
-        raw, probability, persistence = hdbscan_labels(proj.coords, min_cluster_size, min_samples, cfg["metric"])
+        raw, probability, persistence = hdbscan_labels(proj.coords, min_cluster_size, min_samples, cfg["metric"],
+                                                      cfg["selection"])
         fallback = None
         if (raw == NOISE).all():
             fallback = "only_noise"
@@ -254,6 +256,7 @@ def _summary(expert, ids, x, proj, found, labels, probs, keep, persistence, fall
             "min_samples": cfg["min_samples"],
             "min_samples_effective": cfg["min_samples_effective"],
             "metric": cfg["metric"],
+            "selection": cfg["selection"],
             "noise": cfg["noise"],
         },
         "centroids_stored": dim <= CENTROID_DIMS_STORED,
@@ -270,13 +273,14 @@ def scatter_plot(expert: str, proj: Projection, found: np.ndarray, labels: np.nd
     ax = fig.add_subplot()
     cmap = _palette(summary["n_clusters"])
     noise = found == NOISE
+    size = 14 if len(found) <= 500 else 5  # thousands of chunks: small points so clusters stay visible
+    if noise.any():  # drawn first and faint, so the clusters show on top of it
+        ax.scatter(xy[noise, 0], xy[noise, 1], s=size, color="0.65", marker="x", linewidths=0.6, alpha=0.5,
+                   label=f"noise ({int(noise.sum())}, {summary['noise']['policy']})", zorder=1)
     for c in sorted(int(v) for v in np.unique(labels) if v != NOISE):
         members = (labels == c) & ~noise
-        ax.scatter(xy[members, 0], xy[members, 1], s=14, color=cmap(c), label=f"{c} ({int(members.sum())})",
-                   alpha=0.85, linewidths=0)
-    if noise.any():
-        ax.scatter(xy[noise, 0], xy[noise, 1], s=12, color="0.6", marker="x", linewidths=0.8,
-                   label=f"noise ({int(noise.sum())}, {summary['noise']['policy']})")
+        ax.scatter(xy[members, 0], xy[members, 1], s=size, color=cmap(c), label=f"{c} ({int(members.sum())})",
+                   alpha=0.9, linewidths=0, zorder=2)
     ev = summary["pca"]["explained_variance_ratio"]
     ax.set_xlabel(f"PC1 ({ev[0]:.0%} of variance)" if ev else "PC1")
     ax.set_ylabel(f"PC2 ({ev[1]:.0%} of variance)" if len(ev) > 1 else "PC2")

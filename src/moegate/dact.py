@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 # Halting heads start with h_n = sigmoid(1.0) ≈ 0.73 for every input (zero output weights). Then
-# p_n = 0.73^n spreads a_N's weight over layers 2..N (≈ 0.04 / 0.12 / 0.18 / 0.22 / 0.22 / 0.21 on
+# p_n = 0.73^n spreads a_N's weight over layers 2..N (≈ 0.04 / 0.12 / 0.18 / 0.22 / 0.23 / 0.21 on
 # 6 layers), so every layer's classifier gets gradient and nothing halts at layer 1 before the heads
 # have learned anything. A bias ≤ 0 would put ~30 % of the weight on layer 1 from the start; a large
 # one (h ≈ 1) would starve the early classifiers of gradient.
@@ -127,7 +127,12 @@ class _Head(nn.Sequential):
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 − exp(x)) for x < 0, accurate at both ends (Mächler 2012)."""
     x = x.clamp(max=_LOG_P_MAX)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near_zero = x > -0.6931471805599453
+    # each branch only sees inputs in its own safe range: torch.where would turn the unused branch's
+    # infinite gradient (log1p(-exp(x)) at x ≈ 0) into NaN
+    hi = torch.where(near_zero, x, torch.full_like(x, -1.0))
+    lo = torch.where(near_zero, torch.full_like(x, -1.0), x)
+    return torch.where(near_zero, torch.log(-torch.expm1(hi)), torch.log1p(-torch.exp(lo)))
 
 
 def dact_step(log_y: torch.Tensor, log_h: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None):
@@ -147,6 +152,8 @@ def exit_margin(log_a: torch.Tensor, log_p: torch.Tensor, layers_left: int) -> t
     """a_n[c*]·(1 − p_n)^d − (a_n[c_ru] + d·p_n) per row; the exit rule holds where this is ≥ 0.
 
     In: log a_n (B, K), log p_n (B,), d = layers left (0 at the last layer). Out: (B,) float32.
+    With one expert there is no runner-up and the margin is 1. At an exact float tie (margin 0) the
+    row exits: the bound then still gives a_N[c*] ≥ a_N[c] for every c.
     """
     a = log_a.float().exp()
     if a.shape[-1] == 1:  # one expert: no runner-up, the answer is final at once

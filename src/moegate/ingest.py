@@ -7,7 +7,8 @@ An expert's ``source`` is either
 * a folder of documents (``.md``/``.markdown``/``.txt``/``.html``/``.htm``, searched recursively): each
   file is cleaned to plain text (front matter, HTML tags, MathML, image links, kramdown attribute lists
   and link targets removed), cut into windows of encoder tokens that overlap, and embedded with the
-  configured encoder (:func:`moegate.encoder.embed`).
+  configured encoder (:func:`moegate.encoder.embed`), longest chunks first, with every embedded chunk
+  kept in ``cache/embeddings/{expert}/`` so a rerun after a killed job embeds only what is missing.
 
 Out: ``kb/{expert}.parquet`` (id, text, embedding as list<float32>, source) and
 ``kb/{expert}.report.json`` (what was read, kept and skipped, and why).
@@ -16,12 +17,14 @@ Out: ``kb/{expert}.parquet`` (id, text, embedding as list<float32>, source) and
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import html
 import json
 import logging
 import math
 import re
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from moegate.encoder import embed, load_encoder
-from moegate.io import write_json, write_parquet
+from moegate.io import atomic_path, write_json, write_parquet
 from moegate.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -294,9 +297,11 @@ _MATH_ANNOTATION = re.compile(r"<annotation(?:-xml)?\b[^>]*>.*?</annotation(?:-x
 _MATH_TOKEN = re.compile(r"<(m[a-z]+)\b[^<>]*>([^<>]*)</\1\s*>", re.IGNORECASE)
 _TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]*)\b[^<>]*?(/?)>")
 _SUP = re.compile(r"<sup\b[^>]*>([^<>\s]{1,12})</sup\s*>", re.IGNORECASE)
-# [alt](target "title"): the alt may hold one level of brackets; the target may be <...> or hold (...)
+# [alt](target "title"): the alt may hold one level of brackets; the target may be <...>, hold balanced
+# (...) or (as some converters write file names) single spaces; the optional title may span lines
 _LINK_TEXT = r"\[((?:[^\[\]\\]|\\.|\[[^\[\]]*\])*)\]"
-_LINK_TARGET = r"\((?:\s*<[^<>]*>|\s*[^()\s]*(?:\([^()\s]*\)[^()\s]*)*)(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^()]*\)))?\s*\)"
+_LINK_TARGET = (r"\(\s*(?:<[^<>\n]*>|(?:[^()\s\"']|[ ](?![ \"'(])|\([^()\s]*\))*)"
+                r"(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^()]*\)))?\s*\)")
 _IMAGE = re.compile(r"!" + _LINK_TEXT + _LINK_TARGET)
 _LINK = re.compile(_LINK_TEXT + _LINK_TARGET)
 _REF_LINK = re.compile(_LINK_TEXT + r"\[[^\[\]]*\]")
@@ -304,7 +309,8 @@ _LINK_DEFINITION = re.compile(r"^[ \t]{0,3}\[[^\]]+\]:[ \t]*\S+.*$", re.MULTILIN
 _AUTOLINK = re.compile(r"<(?:https?|ftp|mailto):[^<>\s]*>", re.IGNORECASE)
 _ATTRIBUTE_LIST = re.compile(r"\{:?[:#.][^{}\n]*\}|\{:\}")  # kramdown {: .class #id key="v"}, {#id}, {::}
 _HEADING = re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+(.*?)[ \t]*#*[ \t]*$", re.MULTILINE)
-_SETEXT_RULE = re.compile(r"^[ \t]*(?:[-*_][ \t]*){3,}$|^[ \t]*=+[ \t]*$", re.MULTILINE)
+# horizontal rules and setext underlines; OpenStax also ends lines with "* * *" as a line break
+_SETEXT_RULE = re.compile(r"^[ \t]*(?:[-*_][ \t]*){3,}$|^[ \t]*=+[ \t]*$|[ \t]*\*[ \t]\*[ \t]\*[ \t]*$", re.MULTILINE)
 _BULLET = re.compile(r"^([ \t]*)(?:[*+-]|>+)[ \t]+", re.MULTILINE)
 _FENCE = re.compile(r"^[ \t]*(?:```|~~~).*$", re.MULTILINE)
 _EMPHASIS = re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1|(?<![\w*])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![\w*])", re.DOTALL)
@@ -316,29 +322,64 @@ _BLOCK_TAGS = {
 }
 
 
-def _math_text(match: re.Match) -> str:
-    """MathML → the text of its tokens (``Δx = xf − x0``), without TeX/StarMath annotations.
+_ACCENTS = {"¯": "\u0304", "‾": "\u0304", "^": "\u0302", "ˆ": "\u0302", "˙": "\u0307", "~": "\u0303",
+            "˜": "\u0303", "→": "\u20d7", "⇀": "\u20d7"}  # accent marks over a base → combining characters
 
-    Identifiers and numbers are run together (a subscript follows its base); operators get spaces.
+
+def _mathml_tokens(inner: str) -> str:
+    """Fallback for MathML that is not well-formed XML: its token texts, operators spaced."""
+    parts = []
+    for tag, token in _MATH_TOKEN.findall(_MATH_ANNOTATION.sub(" ", inner)):
+        token = token.strip()
+        if token:
+            parts.append(_math_operator(token) if tag.lower() == "mo" else token)
+    return "".join(parts)
+
+
+def _math_operator(token: str) -> str:
+    if token in "()[]{}|":
+        return token
+    return token + " " if token in ",;:" else f" {token} "
+
+
+def _render_mathml(node) -> str:
+    """Linear text of a MathML element: x^2, x0 (subscripts follow their base), (a)/(b), √(x)."""
+    tag = node.tag.rsplit("}", 1)[-1].lower()
+    if tag in ("annotation", "annotation-xml"):
+        return ""
+    kids = [_render_mathml(child) for child in node]
+    if tag in ("mi", "mn", "mtext", "ms"):
+        return (node.text or "").strip()
+    if tag == "mo":
+        return _math_operator((node.text or "").strip()) if (node.text or "").strip() else ""
+    if tag == "msup" and len(kids) == 2:
+        return f"{kids[0]}^{kids[1]}" if len(kids[1]) <= 1 else f"{kids[0]}^({kids[1]})"
+    if tag in ("mover", "munder") and len(kids) == 2 and len(kids[1].strip()) == 1:  # x̄, v⃗
+        return kids[0] + _ACCENTS.get(kids[1].strip(), kids[1].strip())
+    if tag == "mfrac" and len(kids) == 2:
+        return f"({kids[0]})/({kids[1]})"
+    if tag in ("msqrt", "mroot") and kids:
+        return f"√({kids[0]})"
+    return "".join(kids)  # mrow, msub, msubsup, mstyle, semantics, ...: children in order
+
+
+def _math_text(match: re.Match) -> str:
+    """MathML → linear text (``Δx = xf − x0``, ``2.98 × 10^5``), without TeX/StarMath annotations.
+
     The math stays inline unless a new paragraph (blank line, capital letter) follows it.
     """
-    parts = []
-    for tag, token in _MATH_TOKEN.findall(_MATH_ANNOTATION.sub(" ", match.group(1))):
-        token = token.strip()
-        if not token:
-            continue
-        if tag.lower() != "mo" or token in "()[]":
-            parts.append(token)
-        elif token in ",;:":
-            parts.append(token + " ")
-        else:
-            parts.append(f" {token} ")
-    math = re.sub(r" {2,}", " ", "".join(parts)).strip()
+    import xml.etree.ElementTree as ET
+
+    try:
+        rendered = _render_mathml(ET.fromstring(f"<math>{match.group(1)}</math>"))
+    except ET.ParseError:  # entities or broken markup: fall back to the tokens' text
+        rendered = _mathml_tokens(match.group(1))
+    rendered = re.sub(r"\s{2,}", " ", rendered).strip()
     after = match.group(2)
     rest = match.string[match.end():match.end() + 1]
     if "\n" in after and (not rest or rest.isupper() or rest == "<"):
-        return f" {math}\n\n"
-    return f" {math} " if after else f" {math}"
+        return f" {rendered}\n\n"
+    return f" {rendered} " if after else f" {rendered}"
 
 
 def _tag(match: re.Match) -> str:
@@ -394,7 +435,8 @@ def clean_markdown(text: str) -> str:
     text = _EMPHASIS.sub(_unwrap_emphasis, text)
     text = text.replace("`", "").replace("**", "")  # stray markers the unwrapping could not pair
     text = _ESCAPE.sub(r"\1", text)
-    return _tidy_whitespace(html.unescape(text), markup=True)
+    text = re.sub(r"\\(?=[^\sA-Za-z0-9])", "", text)  # doubly escaped punctuation (\\\_ → \_) left by converters
+    return _tidy_whitespace(html.unescape(html.unescape(text)), markup=True)  # twice: &amp;#8221; occurs
 
 
 def clean_document(text: str, kind: str) -> str:
@@ -504,24 +546,72 @@ def chunk_document(text: str, tokenizer, chunk_tokens: int, overlap: int, min_ch
     return [Chunk(k, a, b, offsets[a][0], offsets[b - 1][1]) for k, (a, b) in enumerate(windows)]
 
 
-def embed_sorted(texts: list[str], encoder: dict, device_setting: str, desc: str) -> np.ndarray:
-    """Embed ``texts`` longest first (batches of similar length waste little padding); input order out.
+class EmbeddingCache:
+    """Chunk embeddings already computed, in ``.npz`` shards under ``folder``, keyed by encoder + text.
 
-    Sorted by character length, a cheap proxy for token count; a tqdm bar counts chunks.
+    A killed or preempted ingest job keeps every shard it flushed, so the rerun embeds only what is
+    missing; changing the encoder (model, max_length) changes every key, so stale vectors are never used.
     """
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    batch = encoder["batch_size"]
-    parts = []
-    with tqdm(total=len(texts), desc=desc, unit="chunk", disable=None) as bar:
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.vectors: dict[str, np.ndarray] = {}
+        for shard in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    self.vectors.update(zip(data["keys"].tolist(), data["vectors"]))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                log.warning("%s: unreadable embedding cache shard, ignored (%s)", shard, e)
+
+    @staticmethod
+    def key(encoder: dict, text: str) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        for part in (encoder["model"], str(encoder["max_length"]), text):
+            digest.update(part.encode("utf-8") + b"\0")
+        return digest.hexdigest()
+
+    def add(self, vectors: dict[str, np.ndarray]) -> None:
+        """Keep ``vectors`` and write them as one new shard (atomically: never half a shard)."""
+        if not vectors:
+            return
+        self.vectors.update(vectors)
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{hashlib.blake2b(''.join(vectors).encode(), digest_size=6).hexdigest()}"
+        with atomic_path(self.folder / f"{name}.npz") as tmp, tmp.open("wb") as f:
+            np.savez(f, keys=np.array(list(vectors)), vectors=np.stack(list(vectors.values())))
+
+
+def embedding_cache_dir(config: dict, expert: str) -> Path:
+    """Where an expert's chunk embeddings are cached: beside the LLM cache, outside any rule's outputs."""
+    return Layout.from_config(config).llm_cache.parent / "embeddings" / expert
+
+
+def embed_cached(texts: list[str], encoder: dict, device_setting: str, cache_dir: Path, desc: str,
+                 flush_every: int = 2048) -> tuple[np.ndarray, dict]:
+    """Embeddings of ``texts`` in input order, and {"cached": n, "computed": m} (distinct texts).
+
+    Texts missing from the cache are embedded longest first (by characters, a cheap proxy for tokens)
+    so each batch holds similar lengths and wastes little padding; identical texts are embedded once.
+    Every ``flush_every`` new vectors go to the cache. A tqdm bar counts distinct chunks.
+    """
+    cache = EmbeddingCache(cache_dir)
+    keys = [EmbeddingCache.key(encoder, t) for t in texts]
+    todo = {k: t for k, t in zip(keys, texts) if k not in cache.vectors}
+    order = sorted(todo, key=lambda k: -len(todo[k]))
+    distinct = len(set(keys))
+    batch, pending = encoder["batch_size"], {}
+    with tqdm(total=distinct, initial=distinct - len(order), desc=desc, unit="chunk", disable=None) as bar:
         for i in range(0, len(order), batch):
-            idx = order[i : i + batch]
-            parts.append(embed([texts[j] for j in idx], encoder["model"], batch_size=batch,
-                               max_length=encoder["max_length"], device_setting=device_setting))
-            bar.update(len(idx))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
-    out = np.empty_like(vectors)
-    out[order] = vectors
-    return out
+            part = order[i : i + batch]
+            vectors = embed([todo[k] for k in part], encoder["model"], batch_size=batch,
+                            max_length=encoder["max_length"], device_setting=device_setting)
+            pending.update(zip(part, vectors))
+            if len(pending) >= flush_every:
+                cache.add(pending)
+                pending = {}
+            bar.update(len(part))
+    cache.add(pending)
+    out = np.stack([cache.vectors[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, 0), np.float32)
+    return out, {"cached": distinct - len(order), "computed": len(order)}
 
 
 def _ingest_documents(folder: Path, config: dict, expert: str) -> tuple[pd.DataFrame, dict]:
@@ -558,10 +648,12 @@ def _ingest_documents(folder: Path, config: dict, expert: str) -> tuple[pd.DataF
                           f"file(s) found; {len(skipped_files)} skipped: "
                           f"{_describe(Counter(skipped_files.values())) or 'the folder is empty'})")
     started = time.perf_counter()
-    vectors = embed_sorted(texts, encoder, config.get("device", "auto"), desc=f"{expert}: embed")
+    vectors, counts = embed_cached(texts, encoder, config.get("device", "auto"),
+                                   embedding_cache_dir(config, expert), desc=f"{expert}: embed")
     seconds = time.perf_counter() - started
-    log.info("%s: embedded %d chunks from %d files in %.1f s (%.1f chunks/s)", expert, len(ids), files_read,
-             seconds, len(ids) / max(seconds, 1e-9))
+    log.info("%s: %d chunks from %d files; embedded %d in %.1f s (%.1f chunks/s), %d from the cache", expert,
+             len(ids), files_read, counts["computed"], seconds, counts["computed"] / max(seconds, 1e-9),
+             counts["cached"])
     report = {
         "expert": expert,
         "source": str(folder),
@@ -580,7 +672,8 @@ def _ingest_documents(folder: Path, config: dict, expert: str) -> tuple[pd.DataF
                          "min": ing["min_chunk_tokens"]},
         "encoder": {"model": encoder["model"], "max_length": encoder["max_length"],
                     "batch_size": encoder["batch_size"], "device": str(model.device)},
+        "embedding_cache": counts,
         "embed_seconds": round(seconds, 3),
-        "chunks_per_second": round(len(ids) / max(seconds, 1e-9), 2),
+        "chunks_per_second": round(counts["computed"] / max(seconds, 1e-9), 2),  # chunks embedded, not cached
     }
     return _kb_frame(ids, texts, vectors, sources), report

@@ -56,21 +56,23 @@ GENERIC_WORDS = frozenset("""
 way ways time times part parts kind kinds type types number numbers case cases form forms point points
 fact facts idea ideas thing result results group groups order level levels area areas end side sides
 amount amounts term terms word words name names place places people person world year years day days
+month months century centuries view views step steps question questions reference references title titles
 important different various certain particular specific general common similar main major large small
 high low new old good great better best able possible actual real entire single additional overall
 typical basic simple many much several whole true false own next previous following given known called
 based related able little big long short early late whole sure easy hard difference differences
+fine free final sort sorts lower higher greater larger smaller bigger fewer easier harder relative
 """.split())
 
-# Verb lemmas that rarely name a concept; their inflections split candidate terms.
+# Verb lemmas that rarely name a concept; their inflections split candidate terms. Verbs that are
+# also course terms ("work", "change", "run", "cause", "set") are left out on purpose.
 _VERB_LEMMAS = """
-be have do say get make go know take see come think look want give find tell ask work seem feel try leave
-call keep let begin show hear play run move live believe hold bring happen write provide sit stand lose
-pay meet include continue set learn change lead understand watch follow stop create speak read allow add
-spend grow open walk win offer remember consider appear buy wait serve die send expect build stay fall cut
-reach kill remain suggest raise pass sell require report decide pull describe explain discuss define
-identify contain involve produce represent refer depend determine help occur enable ensure apply cause
-tend become mean need put turn start talk give
+be have do say get make go know take see come think look want give find tell ask seem feel try leave
+call keep let begin show hear bring happen write provide sit stand lose pay meet include continue learn
+lead understand watch follow stop create speak read allow add spend grow open walk win remember consider
+appear buy wait serve die send expect build stay reach kill remain suggest raise sell require decide pull
+describe explain discuss define identify contain involve produce represent refer depend determine help
+occur enable ensure apply tend become mean need put turn start talk
 """.split()
 
 
@@ -91,14 +93,22 @@ written sat stood lost paid met led understood spent grew grown won bought built
 COMMON_VERBS = frozenset(_IRREGULAR).union(*(_inflections(v) for v in _VERB_LEMMAS))
 
 # Adverb suffixes that (almost) never end a noun: "typically", "rapidly", "efficiently", ...
-_ADVERB = re.compile(r"(?:ally|ively|ously|ently|antly|ingly|edly|ately|ably|ibly|fully|lessly|arly|ularly)$")
+_ADVERB = re.compile(r"(?:ally|ively|ously|ently|antly|ingly|edly|ately|ably|ibly|fully|lessly|arly|ularly|ely)$")
+_LY_NOUNS = frozenset("""
+family supply assembly monopoly oligopoly duopoly anomaly italy butterfly reply ally july jelly belly homily
+lily rally tally firefly polygyny polyandry
+""".split())
+# Lecture chatter rather than course content: a clause with these words is not turned into a question.
+_CHATTER = frozenset("""
+i i'm i'll i've i'd me my we we're we'll we've let's you you're you'll you've your okay ok gonna um uh yeah
+""".split())
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:['’-][A-Za-z0-9]+)*")
 # A clause boundary inside a sentence: punctuation that ends a noun phrase.
 _BREAK = re.compile(r"[,;:()\[\]{}\"“”!?]|\s[-–—]\s|\.(?:\s|$)")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“(])")
 _AUX = ("is", "are", "was", "were", "can", "will", "may", "must", "should", "would", "could")
 # Template junk: a question must not end on a function word ("What is the?").
-_DANGLING = re.compile(r"\b(?:the|a|an|of|and|or|to|in|on|for|with|by|that|is|are)\W*$", re.I)
+_DANGLING = re.compile(r"\b(?:the|a|an|of|and|or|to|in|on|for|with|by|that|is|are)\W*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,10 @@ def is_plural(phrase: str) -> bool:
 
 def _is_content(word: str) -> bool:
     low = word.lower()
+    if "'" in low:  # contractions: "we're", "don't"
+        return False
+    if low.endswith("ly") and low not in _LY_NOUNS:  # adverbs and -ly adjectives: "honestly", "early"
+        return False
     if low in STOP_WORDS or low in COMMON_VERBS or len(low) < 3 and not word.isupper():
         return False
     if _ADVERB.search(low) and len(low) > 6:
@@ -154,26 +168,31 @@ def key_terms(text: str, limit: int = 16) -> list[Term]:
     surfaces: dict[str, Counter[str]] = {}
     word_tf: Counter[str] = Counter(w.lower() for w in _WORD.findall(text))
     for sentence in split_sentences(text):
+        first = True  # a capital on a sentence's first word says nothing about a name
         for clause in _BREAK.split(sentence):
-            run: list[tuple[str, bool]] = []  # (word, at sentence start)
+            run: list[tuple[str, bool]] = []  # (word, is the sentence's first word)
             for m in _WORD.finditer(clause):
                 word = m.group(0).replace("’", "'")
+                word = word.removesuffix("'s")
                 if _is_content(word):
-                    run.append((word, m.start() == 0 and clause is not None and sentence.startswith(clause)))
-                    continue
-                _add_runs(run, counts, surfaces)
-                run = []
+                    run.append((word, first))
+                else:
+                    _add_runs(run, counts, surfaces)
+                    run = []
+                first = False
             _add_runs(run, counts, surfaces)
     terms = []
     for key, count in counts.items():
         words = key.split()
         if len(words) > 1 and count < 2:
             continue  # a multi-word run seen once is more often an accident than a term
-        if all(w in GENERIC_WORDS for w in words) or words[-1] in GENERIC_WORDS and len(words) == 1:
+        if len(words) == 1 and not _noun_like(words[0]):
+            continue
+        if all(w in GENERIC_WORDS for w in words):
             continue
         spec = sum(_specificity(w, word_tf[w]) for w in words) / len(words)
         score = spec * (count ** 0.7) * (1.0 + 0.5 * (len(words) - 1))
-        terms.append(Term(_surface(surfaces[key]), _norm_key(key), len(words), count, score))
+        terms.append(Term(_surface(key, surfaces.get(key)), _norm_key(key), len(words), count, score))
     terms.sort(key=lambda t: (-t.score, t.key))
     chosen: list[Term] = []
     seen: set[str] = set()
@@ -187,6 +206,17 @@ def key_terms(text: str, limit: int = 16) -> list[Term]:
     return chosen
 
 
+def _noun_like(word: str) -> bool:
+    """A single word that can stand alone as a term: not a participle or an obvious adjective."""
+    if word in GENERIC_WORDS:
+        return False
+    if len(word) > 5 and word.endswith("ed") and not word.endswith("eed"):
+        return False  # "removed", "based": participles
+    if word.endswith(("ous", "ful", "less", "ical", "ible", "able", "ize", "ify")) and len(word) > 6:
+        return False  # adjectives ("continuous") and verbs ("emphasize", "classify")
+    return True
+
+
 def _norm_key(key: str) -> str:
     return " ".join(_singular(w) for w in key.split())
 
@@ -198,21 +228,22 @@ def _specificity(word: str, tf: int) -> float:
 
 
 def _add_runs(run: list[tuple[str, bool]], counts: Counter, surfaces: dict) -> None:
-    """Count every 1-3 word n-gram of a run of content words."""
+    """Count every 1-3 word n-gram of a run of content words, and how it is spelled mid-sentence."""
     n = len(run)
     for size in (1, 2, 3):
         for i in range(n - size + 1):
             gram = run[i : i + size]
             key = " ".join(w.lower() for w, _ in gram)
             counts[key] += 1
-            # a capital only at sentence start is not a name: keep the lowercase form
-            surface = " ".join(w.lower() if start and not w.isupper() else w for w, start in gram)
-            surfaces.setdefault(key, Counter())[surface] += 1
+            if not gram[0][1]:
+                surfaces.setdefault(key, Counter())[" ".join(w for w, _ in gram)] += 1
 
 
-def _surface(forms: Counter) -> str:
-    lower = [f for f in forms if f == f.lower()]
-    return max(lower, key=forms.__getitem__) if lower else forms.most_common(1)[0][0]
+def _surface(key: str, forms: Counter | None) -> str:
+    """How to spell a term: lowercase when it appears so, else its usual mid-sentence spelling."""
+    if not forms or key in forms:
+        return key
+    return forms.most_common(1)[0][0]
 
 
 @dataclass(frozen=True)
@@ -225,31 +256,49 @@ class Clause:
     predicate: str | None  # words after it ("an essential part of our diet")
 
 
+_DEPENDENT_START = frozenset("""
+this these that those it its they their he she his her we our you your i here there so and but or then
+also for as if because however thus therefore such another other both each which what who
+kind sort like just well now yeah anyway again
+""".split())
+_RELATIVE = frozenset({"that", "which", "who", "whom", "whose", "where", "when", "if", "because", "while"})
+_URL = re.compile(r"\S+://\S+|www\.\S+|\S+\.(?:org|com|edu|net|gov|io)(?:/\S*)?\b")
+_LEANING = re.compile(r"(?:in|at|for|on|from|by) (?:this|that|these|those|the same|our|my|your)\b|for example\b",
+                      re.IGNORECASE)
+# A capitalised function word inside a sentence: a heading ran into the text ("... Pyruvate In order").
+_MERGED_HEADING = re.compile(r"[a-z,] (?:The|In|A|An|If|When|This|These|For|To|As|It|We|Of|On|By) ")
+
+
 def clauses(text: str, max_words: int = 28) -> list[Clause]:
     """Declarative sentences of moderate length that read cleanly inside a question template."""
+    # words written with a capital inside a sentence are names ("Darwin", "Calvin"): they keep it
+    names = {m.group(1) for m in re.finditer(r"[a-z,;] ([A-Z][a-z]+)", text)}
     out = []
     for s in split_sentences(text):
         s = re.split(r";|\s[-–—]\s", s)[0].strip().rstrip(".").strip()
         words = s.split()
-        if not 6 <= len(words) <= max_words or s.endswith("?") or s.endswith(":"):
+        if not 6 <= len(words) <= max_words or s.endswith("?") or ":" in s:
             continue
         alpha = sum(1 for w in words if re.fullmatch(r"[A-Za-z][A-Za-z'’,-]*", w))
-        if alpha < 0.85 * len(words) or re.search(r"[=<>{}\[\]|\\/_*#@$%^~`]", s):
-            continue  # formulas, code and markup leftovers read badly in a question
-        first = words[0].lower()
-        if first in {"this", "these", "that", "those", "it", "they", "he", "she", "we", "you", "i", "here",
-                     "there", "so", "and", "but", "or", "then", "also", "for", "as", "if", "because"}:
-            continue  # depends on the previous sentence
-        lead = words[0] if words[0].isupper() or (len(words[0]) > 1 and words[0][1:].lower() != words[0][1:]) \
-            else words[0][0].lower() + words[0][1:]
+        if alpha < 0.85 * len(words) or re.search(r"[=<>{}\[\]|\\/_*#@$%^~`]", s) or _MERGED_HEADING.search(s):
+            continue  # formulas, code, markup leftovers and run-in headings read badly in a question
+        first = re.sub(r"\W+$", "", words[0].lower())
+        if first in _DEPENDENT_START or "'" in first or "’" in first or _LEANING.match(s):
+            continue  # leans on the previous sentence ("It's", "That's", "In this case")
+        if any(re.sub(r"[^\w']", "", w.lower().replace("’", "'")) in _CHATTER for w in words):
+            continue
+        # keep the capital of a name ("Darwin"), drop the one that only starts the sentence
+        bare = re.sub(r"\W+$", "", words[0])
+        lead = words[0] if bare in names or (bare.isupper() and len(bare) > 1) else words[0].lower()
         clause = " ".join([lead] + words[1:])
         subject = aux = predicate = None
         low = [w.lower() for w in words]
         for i, w in enumerate(low[1:6], start=1):  # a short subject, then the auxiliary
             if w in _AUX:
                 subj_words = [lead] + words[1:i]
-                if any(x.endswith(",") for x in subj_words) or len(words) - i - 1 < 3:
-                    break
+                if (any(x.endswith(",") or x.lower() in _RELATIVE for x in subj_words)
+                        or len(words) - i - 1 < 3):
+                    break  # not a plain noun-phrase subject: only the whole-clause templates fit
                 subject, aux, predicate = " ".join(subj_words), w, " ".join(words[i + 1 :])
                 break
         out.append(Clause(clause, subject, aux, predicate))
@@ -316,10 +365,9 @@ def _clause_question(c: Clause, topic: Term | None, rng: random.Random) -> str |
     if topic is not None:
         options.append(f"In {topic.text}, what does it mean that {c.text}?")
     if c.aux is not None:
-        subject = c.subject
         options += [
-            f"Why {c.aux} {subject} {c.predicate}?",
-            f"What {c.aux} {c.predicate}?" if c.aux in ("is", "are") else f"What {c.aux} {c.predicate}?",
+            f"Why {c.aux} {c.subject} {c.predicate}?",
+            f"What {c.aux} {c.predicate}?",
         ]
     return rng.choice(options)
 
@@ -335,14 +383,13 @@ _FAMILIES = ("one", "one", "one", "two", "two", "clause", "clause", "clause", "k
 
 
 def _clean(question: str) -> str | None:
+    """Whitespace tidied; None for template junk (too short, too long, ending on a function word)."""
     q = re.sub(r"\s+", " ", question).strip()
     q = re.sub(r"\s+([?.,])", r"\1", q)
-    if not q:
-        return None
     body = q.rstrip("?.").strip()
     if len(body.split()) < 2 or len(q.split()) > 60 or _DANGLING.search(body):
         return None
-    return q[0].upper() + q[1:] if not q[0].isupper() and not q.split()[0].islower() else q
+    return q
 
 
 class OfflineQuestionWriter:
@@ -361,33 +408,36 @@ class OfflineQuestionWriter:
     def questions(self, context_id: str, text: str, n: int) -> list[str]:
         """Up to ``n`` distinct questions (fewer only when the context is too short to carry them)."""
         rng = self._rng(context_id, text)
+        text = _URL.sub(" ", text)  # links are not what a student asks about
         terms = key_terms(text)
         sentences = clauses(text)
         rng.shuffle(sentences)
         if not terms and not sentences:
             return []
-        weights = [t.score for t in terms]
+        topic = terms[0] if terms else None  # the context's most salient term stands for its topic
         out: list[str] = []
         seen: set[str] = set()
-        used: Counter[str] = Counter()  # spread questions over the context's terms
-        attempts = 0
-        while len(out) < n and attempts < 12 * n:
-            attempts += 1
+        used: Counter[str] = Counter()  # spreads the questions over the context's terms
+        next_sentence = 0
+        for _ in range(12 * n):  # bounded: a short context may not carry n distinct questions
+            if len(out) >= n:
+                break
             family = rng.choice(_FAMILIES)
-            topic = terms[0] if terms else None
-            q = None
             if family == "clause" and sentences:
-                q = _clause_question(sentences[(attempts - 1) % len(sentences)], topic if rng.random() < 0.5 else None, rng)
+                q = _clause_question(sentences[next_sentence % len(sentences)],
+                                     topic if rng.random() < 0.3 else None, rng)
+                next_sentence += 1
             elif terms:
-                x = self._pick(terms, weights, used, rng)
-                if family == "two" and len(terms) > 1:
-                    y = self._pick([t for t in terms if t.key != x.key], None, used, rng)
-                    q = _two_terms(x, y, rng)
+                x = self._pick(terms, used, rng)
+                others = [t for t in terms if t.key != x.key]
+                if family == "two" and others:
+                    q = _two_terms(x, self._pick(others, used, rng), rng)
                 elif family == "keyword":
-                    others = [t for t in terms if t.key != x.key]
                     q = _keyword_query(x, rng.choice(others) if others and rng.random() < 0.5 else None, rng)
                 else:
-                    q = _one_term(x, topic if rng.random() < 0.4 else None, rng)
+                    q = _one_term(x, topic if rng.random() < 0.3 else None, rng)
+            else:
+                continue
             q = _clean(q) if q else None
             if q is None or q.lower() in seen:
                 continue
@@ -396,10 +446,9 @@ class OfflineQuestionWriter:
         return out
 
     @staticmethod
-    def _pick(terms: list[Term], weights: list[float] | None, used: Counter, rng: random.Random) -> Term:
-        """A term drawn by score, damped for terms already used in this context's questions."""
-        base = weights if weights is not None else [t.score for t in terms]
-        damped = [w / (1.0 + 2.0 * used[t.key]) for w, t in zip(base, terms)]
-        term = rng.choices(terms, weights=damped, k=1)[0]
+    def _pick(terms: list[Term], used: Counter, rng: random.Random) -> Term:
+        """A term drawn by score, damped for terms this context's questions already used."""
+        weights = [t.score / (1.0 + 2.0 * used[t.key]) for t in terms]
+        term = rng.choices(terms, weights=weights, k=1)[0]
         used[term.key] += 1
         return term

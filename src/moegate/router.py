@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,8 +93,8 @@ def save_router(
 
 def _model_card(config: dict) -> str:
     backbone = config["backbone"]
-    source = config["metadata"].get("backbone_model") or backbone.get("_name_or_path") or backbone["model_type"]
-    experts = "\n".join(f"- `{x}`" for x in config["labels"])
+    source = (config["metadata"] or {}).get("backbone_model") or backbone.get("_name_or_path") or backbone["model_type"]
+    experts = "\n".join(f"  - `{x}`" for x in config["labels"])
     return f"""# moegate router
 
 A DACT early-exit query router for a Mixture of RAG experts: it reads a question and names the
@@ -140,7 +141,7 @@ class Router:
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
         self.labels = list(labels)
-        self.max_length = int(max_length)
+        self.max_length = _token_limit(int(max_length), model, tokenizer)
         self.config = config or {}
         self.abstain_below = self.config.get("abstain_below")
         self.lambda_ = self.config.get("lambda_")
@@ -150,7 +151,7 @@ class Router:
         return self.model.num_layers
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> "Router":
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Router:
         """Load a directory written by :func:`save_router`. Missing or mismatched files are errors
         that name the file (and the tensor keys)."""
         from safetensors import SafetensorError
@@ -218,8 +219,11 @@ class Router:
         """
         from tqdm.auto import tqdm
 
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        attention_mask = torch.as_tensor(attention_mask, dtype=torch.long)
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()  # batches move to the device one by one
+        attention_mask = torch.as_tensor(attention_mask, dtype=torch.long).cpu()
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids and attention_mask must both be (rows, length); got "
+                             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size: expected ≥ 1, got {batch_size!r}")
         n = input_ids.shape[0]
@@ -268,6 +272,23 @@ class Router:
         return f"Router(experts={self.labels}, layers={self.num_layers}, device={self.device})"
 
 
+def _token_limit(max_length: int, model: DactRouterModel, tokenizer) -> int:
+    """max_length, lowered to what the backbone's position embeddings and the tokenizer can take."""
+    config = model.encoder.config
+    limits = [max_length]
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:  # RoBERTa-style position ids start after the padding index
+        offset = config.pad_token_id + 1 if model.model_type in ("roberta", "xlm-roberta") else 0
+        limits.append(int(positions) - offset)
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and tok_limit < 1_000_000:  # HF's "no limit" is a huge sentinel
+        limits.append(tok_limit)
+    if min(limits) < max_length:
+        log.warning("max_length %d is more than the backbone takes; truncating questions to %d tokens",
+                    max_length, min(limits))
+    return min(limits)
+
+
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         raise TypeError("route/predict take a list of strings; wrap a single question in a list")
@@ -286,9 +307,10 @@ def _read_router_config(path: Path) -> dict:
     if config["moegate_router"] != FORMAT_VERSION:
         raise ValueError(f"{path}: router format {config['moegate_router']!r}, this moegate reads {FORMAT_VERSION}")
     required = {"labels": list, "max_length": int, "num_layers": int, "head": dict, "backbone": dict}
-    for key, kind in required.items():
-        if not isinstance(config.get(key), kind):
-            raise ValueError(f"{path}: key {key!r} must be a {kind.__name__}, got {config.get(key)!r}")
+    wrong = [f"key {key!r} must be a {kind.__name__}, got {config.get(key)!r}"
+             for key, kind in required.items() if not isinstance(config.get(key), kind)]
+    if wrong:
+        raise ValueError(f"{path}: " + "; ".join(wrong))
     if "model_type" not in config["backbone"]:
         raise ValueError(f"{path}: key 'backbone' has no 'model_type'")
     if not config["labels"]:

@@ -132,13 +132,13 @@ def _rdb_url(settings: StorageSettings) -> str:
 
 def _open_rdb(settings: StorageSettings) -> optuna.storages.RDBStorage:
     """RDBStorage with heartbeat; retries while several workers create the tables of an empty database."""
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
     shown = mask_url(settings.url)
     for attempt in range(1, SCHEMA_RACE_RETRIES + 1):
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat, its callback
                 return optuna.storages.RDBStorage(
                     _rdb_url(settings),
                     engine_kwargs={"pool_pre_ping": True},
@@ -147,13 +147,18 @@ def _open_rdb(settings: StorageSettings) -> optuna.storages.RDBStorage:
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                         max_retry=settings.max_retries),
                 )
-        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-            # two workers creating tables/types at once on an empty PostgreSQL: one loses, then finds them
+        except (IntegrityError, ProgrammingError) as e:
+            # another worker created the same tables/types a moment earlier ("duplicate key ... pg_type"):
+            # they exist now, so the next attempt only checks them
             if attempt == SCHEMA_RACE_RETRIES:
-                raise RuntimeError(f"storage {shown}: cannot open after {attempt} attempts: "
+                raise RuntimeError(f"storage {shown}: cannot create Optuna's tables after {attempt} attempts: "
                                    f"{type(e).__name__}: {_first_line(e, settings)}") from None
-            log.info("storage %s: attempt %d failed (%s); retrying", shown, attempt, type(e).__name__)
-            time.sleep(random.uniform(0.2, 1.0) * attempt)
+            log.info("storage %s: table creation raced with another worker (%s); retrying", shown,
+                     type(e).__name__)
+            time.sleep(random.uniform(0.1, 0.5) * attempt)
+        except SQLAlchemyError as e:  # connection refused, authentication failed, no such database
+            raise RuntimeError(f"storage {shown}: cannot open: {type(e).__name__}: {_first_line(e, settings)} "
+                               f"(password from ${settings.password_env}, PGPASSWORD or ~/.pgpass)") from None
     raise AssertionError("unreachable")
 
 
@@ -173,32 +178,40 @@ def worker_identity(worker_index: int) -> dict:
     return {"worker": worker_index, "host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job}
 
 
-def claim(trial: optuna.Trial, worker_index: int) -> None:
-    """Record this process as the owner of ``trial`` (replacing the owner copied onto a retried trial)."""
+def claim(trial: optuna.Trial, worker_index: int, journal: bool) -> None:
+    """Record this process as the owner of a just-asked ``trial`` (replacing an owner copied onto a retry).
+
+    The first heartbeat goes first: an RDB trial without any heartbeat is never stale for Optuna, so a
+    worker killed before it would leave the trial RUNNING; :func:`stale_trials` catches that case by
+    the missing owner.
+    """
+    beat(trial.storage, trial._trial_id, journal)
     trial.set_user_attr(OWNER_KEY, worker_identity(worker_index))
-    beat(trial.storage, trial._trial_id)
 
 
-def beat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
-    storage.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+def beat(storage: optuna.storages.BaseStorage, trial_id: int, journal: bool) -> None:
+    """One heartbeat: a system attribute on the journal file, Optuna's heartbeat table on an RDB."""
+    if journal:
+        storage.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+    else:
+        storage.record_heartbeat(trial_id)
 
 
 class Heartbeat:
-    """Refresh the trial's heartbeat attribute every ``interval`` seconds while the objective runs.
+    """Refresh the trial's heartbeat every ``interval`` seconds while the objective runs.
 
-    Only the journal file needs it (RDBStorage runs its own heartbeat thread). The thread stops before
-    the trial is told its result, so it never writes to a finished trial.
+    The thread stops before the trial is told its result, so it never writes to a finished trial.
     """
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, interval: float):
-        self._storage, self._trial_id, self._interval = storage, trial_id, interval
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, interval: float, journal: bool):
+        self._storage, self._trial_id, self._interval, self._journal = storage, trial_id, interval, journal
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                beat(self._storage, self._trial_id)
+                beat(self._storage, self._trial_id, self._journal)
             except optuna.exceptions.UpdateFinishedTrialError:
                 return  # another worker declared us stale and failed the trial: nothing left to refresh
 
@@ -255,11 +268,16 @@ def stale_trials(study: optuna.Study, settings: StorageSettings) -> list[tuple[F
     heartbeat attributes (:func:`stale_reason`).
     """
     storage = study._storage
-    if not settings.is_journal:
-        ids = storage._get_stale_trial_ids(study._study_id)  # the heartbeat query fail_stale_trials uses
-        reason = f"no heartbeat for {settings.grace_period} s"
-        return [(storage.get_trial(i), reason) for i in ids]
     host, now = socket.gethostname(), time.time()
+    if not settings.is_journal:
+        ids = set(storage._get_stale_trial_ids(study._study_id))  # the heartbeat query fail_stale_trials uses
+        found = [(storage.get_trial(i), f"no heartbeat for {settings.grace_period} s") for i in sorted(ids)]
+        for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
+            # killed between ask and its first heartbeat: no heartbeat row, so Optuna never calls it stale
+            if trial._trial_id not in ids and OWNER_KEY not in trial.user_attrs and trial.datetime_start and \
+                    now - trial.datetime_start.timestamp() > settings.grace_period:
+                found.append((trial, f"never claimed by a worker in {settings.grace_period} s"))
+        return found
     found = []
     for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         reason = stale_reason(trial, now, host, settings.grace_period)
@@ -276,7 +294,9 @@ def recover_stale_trials(study: optuna.Study, settings: StorageSettings, requeue
     (``RetryHeartbeatStaleTrialCallback``, at most ``max_retries`` times) but not the dead owner.
     """
     storage = study._storage
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retries)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retries)
     failed = []
     for trial, reason in stale_trials(study, settings):
         try:
@@ -286,12 +306,12 @@ def recover_stale_trials(study: optuna.Study, settings: StorageSettings, requeue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # finished meanwhile, or another worker recovered it first
         failed.append(trial.number)
+        retries = len(trial.system_attrs.get("retry_history", []))  # earlier re-runs of these params
+        again = requeue and (settings.max_retries is None or retries < settings.max_retries)
         log.warning("study %s: trial %d is stale (%s): failed%s", study.study_name, trial.number, reason,
-                    ", params re-queued" if requeue else "")
-        if requeue:
+                    ", params re-queued" if again else ", params not re-run")
+        if again:
             trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (OWNER_KEY, STALE_KEY)}
             trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != HEARTBEAT_KEY}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                retry(study, trial)
+            retry(study, trial)
     return failed

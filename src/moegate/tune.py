@@ -20,22 +20,25 @@ and survives two workers creating it at once (Optuna's load_if_exists, plus a re
 PostgreSQL gets its tables, see :mod:`moegate.storage`).
 
 Budget guarantee: ``n_trials`` counts COMPLETE trials across all workers, and the study never holds
-more than ``n_trials`` of them. Before asking for a trial a worker waits while COMPLETE + RUNNING
-trials already fill the budget (MaxTrialsCallback and our callback stop its optimize loop there);
-the remaining race, two workers asking at once for the last slot, is settled by an admission check
-on the new trial: it may run only if COMPLETE + (RUNNING or WAITING trials numbered below it) is
-still under the budget. Trial numbers are assigned in creation order by every storage, so the
-highest-numbered of any set of admitted trials saw all the others, hence at most ``n_trials`` can be
-admitted at once. A refused trial is marked FAIL with ``moegate.released`` (its queued params, if it
-was a retry, are queued again). Workers exit once the budget is met and no trial is RUNNING, so a
-rerun after a kill ends with exactly ``n_trials`` COMPLETE and nothing RUNNING. Trials that fail
-(exceptions) or are pruned do not count; a worker gives up after ``max_failures`` failures in a row.
+more than ``n_trials`` of them. Each worker runs Optuna's ask-and-tell loop itself: ``optimize`` with
+``MaxTrialsCallback`` counts only after a trial ends, so N workers could overshoot by up to N−1.
+Before each ask a worker fails stale trials (:mod:`moegate.storage`) and waits while COMPLETE +
+RUNNING trials already fill the budget. The remaining race, two workers asking at once for the last
+slot, is settled by an admission check on the new trial: it may run only if COMPLETE + (RUNNING or
+WAITING trials numbered below it) is under the budget. Every storage numbers trials in creation
+order, so the highest-numbered of any set of admitted trials saw all the others: at most
+``n_trials`` are ever admitted at once. A refused trial is told FAIL with ``moegate.released`` (a
+refused retry's params are queued again). Workers exit once the budget is met and nothing is
+RUNNING, so a rerun after a kill ends with exactly ``n_trials`` COMPLETE and no RUNNING trial.
+Failed (exception) and pruned trials do not count; a worker gives up after ``max_failures`` failures
+in a row.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import os
 import subprocess
@@ -249,19 +252,14 @@ def admitted(trials: list[FrozenTrial], number: int, n_trials: int) -> bool:
     return complete + ahead < n_trials
 
 
-class _OverBudget(Exception):
-    """The admission check refused a trial: other workers' trials already fill the budget."""
-
-
 class _Worker:
-    """One worker's optimize loop on the shared study (see the module docstring for the guarantees)."""
+    """One worker's ask-and-tell loop on the shared study (see the module docstring for the guarantees)."""
 
     def __init__(self, config: dict, spec: StudySpec, worker_index: int, objective: Objective):
         self.config, self.spec, self.index, self.objective = config, spec, worker_index, objective
         self.settings = StorageSettings.from_config(config)
         self.wait_s = config["tuning"]["wait_s"]
         self.max_failures = config["tuning"]["max_failures"]
-        self.failures_in_row = 0
         self.ran: dict[str, int] = {}
         self.study: optuna.Study | None = None
 
@@ -275,7 +273,7 @@ class _Worker:
         n = self.spec.n_trials
         log.info("worker %d: study %s in %s, budget %d complete trials", self.index, study.study_name,
                  describe(self.config), n)
-        waiting = None
+        waiting, failures_in_row = None, 0
         while True:
             complete, running = self._recover_and_count()
             if complete >= n and running == 0:
@@ -288,15 +286,22 @@ class _Worker:
                 time.sleep(self.wait_s)
                 continue
             waiting = None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.optimize(self._run_trial, catch=(Exception,), gc_after_trial=True,
-                               callbacks=[optuna.study.MaxTrialsCallback(n, states=(TrialState.COMPLETE,)),
-                                          self._after_trial])
+            with warnings.catch_warnings():  # we run the heartbeat ourselves (storage.Heartbeat), not optimize
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = study.ask()
+            outcome, error = self._run_trial(trial)
+            self.ran[outcome] = self.ran.get(outcome, 0) + 1
+            if outcome == "fail":
+                failures_in_row += 1
+            elif outcome in ("complete", "pruned"):
+                failures_in_row = 0
+            if failures_in_row >= self.max_failures:
+                raise RuntimeError(f"worker {self.index}: {failures_in_row} trials of study {study.study_name} "
+                                   f"failed in a row (tuning.max_failures); last error: {error}")
         summary = {"study": study.study_name, "worker": self.index, "n_trials": n, "n_complete": complete,
                    "ran": dict(self.ran), "wall_s": round(time.monotonic() - t0, 3)}
-        log.info("worker %d: budget met (%d complete); this worker ran %s in %.1f s", self.index, complete,
-                 self.ran or "nothing", summary["wall_s"])
+        log.info("worker %d: budget met (%d complete); this worker's trials: %s; %.1f s", self.index, complete,
+                 self.ran or "none", summary["wall_s"])
         return summary
 
     def _recover_and_count(self) -> tuple[int, int]:
@@ -305,25 +310,50 @@ class _Worker:
             complete, running = budget_counts(self.study.get_trials(deepcopy=False))
         return complete, running
 
-    def _run_trial(self, trial: optuna.Trial):
-        claim(trial, self.index)
-        if not admitted(self.study.get_trials(deepcopy=False), trial.number, self.spec.n_trials):
+    def _run_trial(self, trial: optuna.Trial) -> tuple[str, str | None]:
+        """Admit, run and tell one trial; (outcome, error): complete | pruned | fail | released | superseded."""
+        study = self.study
+        claim(trial, self.index, self.settings.is_journal)
+        if not admitted(study.get_trials(deepcopy=False), trial.number, self.spec.n_trials):
             self._release(trial)
-            raise _OverBudget(f"trial {trial.number}: other workers' trials fill the budget of {self.spec.n_trials}")
-        params = suggest(trial, self.spec.search_space)
-        config = with_params(self.config, params)
-        log.info("worker %d: trial %d: %s", self.index, trial.number, params)
-        beating = Heartbeat(trial.storage, trial._trial_id, self.settings.heartbeat_interval) \
-            if self.settings.is_journal else contextlib.nullcontext()
-        with beating:
-            try:
-                result = self.objective(config, trial if self.spec.prunable else None)
-            except optuna.TrialPruned:
-                raise
-            except Exception as e:
-                trial.set_user_attr(ERROR_KEY, f"{type(e).__name__}: {e}"[:2000])
-                raise
-        for key, value in result.items():  # scalar metrics, for the trials summary and the Pareto CSV
+            return "released", None
+        state, values, error = TrialState.FAIL, None, None
+        try:
+            with Heartbeat(trial.storage, trial._trial_id, self.settings.heartbeat_interval, self.settings.is_journal):
+                params = suggest(trial, self.spec.search_space)
+                log.info("worker %d: trial %d: %s", self.index, trial.number, params)
+                result = self.objective(with_params(self.config, params), trial if self.spec.prunable else None)
+                values = self._values(trial, result)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned as e:
+            state = TrialState.PRUNED
+            log.info("worker %d: trial %d pruned: %s", self.index, trial.number, e)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker found our heartbeat stale and failed the trial; its params are queued again
+        except Exception as e:  # one bad trial (e.g. out of memory at some batch size) must not end the study
+            error = f"{type(e).__name__}: {e}"
+            log.warning("worker %d: trial %d failed: %s", self.index, trial.number, error, exc_info=True)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.set_user_attr(ERROR_KEY, error[:2000])
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)  # never leave it RUNNING
+            raise
+        finally:
+            gc.collect()  # free the trial's model before the next one
+        told = study.tell(trial, values, state=state, skip_if_finished=True)
+        if told.state != state:
+            log.warning("worker %d: trial %d was failed by another worker meanwhile (heartbeat older than %d s); "
+                        "its result is dropped and its params run again", self.index, trial.number,
+                        self.settings.grace_period)
+            return "superseded", None
+        if state == TrialState.COMPLETE:
+            log.info("worker %d: trial %d complete: %s", self.index, trial.number,
+                     dict(zip(self.spec.metrics, values if self.spec.multi_objective else (values,))))
+        return state.name.lower(), error
+
+    def _values(self, trial: optuna.Trial, result: dict):
+        """Record the scalar metrics on the trial; the objective value(s) in the study's metric order."""
+        for key, value in result.items():  # for the trials summary and the Pareto CSV
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 trial.set_user_attr(key, float(value))
         missing = [m for m in self.spec.metrics if m not in result]
@@ -334,9 +364,10 @@ class _Worker:
         return values if self.spec.multi_objective else values[0]
 
     def _release(self, trial: optuna.Trial) -> None:
-        """Mark a refused trial; a refused retry (params fixed before it started) is queued again."""
+        """Fail a refused trial, marked as released; a refused retry (fixed params) is queued again."""
         frozen = trial.storage.get_trial(trial._trial_id)
         trial.set_user_attr(RELEASED_KEY, f"over budget when asked (worker {self.index})")
+        self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         if frozen.params or "fixed_params" in frozen.system_attrs:
             self.study.add_trial(optuna.trial.create_trial(
                 state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
@@ -344,23 +375,6 @@ class _Worker:
                 system_attrs={k: v for k, v in frozen.system_attrs.items() if k != HEARTBEAT_KEY}))
         log.info("worker %d: trial %d refused: the budget of %d is taken by other workers", self.index,
                  trial.number, self.spec.n_trials)
-
-    def _after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        released = RELEASED_KEY in trial.user_attrs
-        state = "released" if released else trial.state.name.lower()
-        self.ran[state] = self.ran.get(state, 0) + 1
-        if trial.state == TrialState.FAIL and not released:
-            self.failures_in_row += 1
-            if self.failures_in_row >= self.max_failures:
-                raise RuntimeError(
-                    f"worker {self.index}: {self.failures_in_row} trials of study {study.study_name} failed in a "
-                    f"row (tuning.max_failures); last: trial {trial.number}: "
-                    f"{trial.user_attrs.get(ERROR_KEY, 'see the traceback above')}")
-        elif not released:
-            self.failures_in_row = 0
-        complete, running = self._recover_and_count()
-        if complete + running >= self.spec.n_trials:
-            study.stop()  # back to run(): wait for the running trials, or exit when the budget is met
 
 
 def worker(config: dict, study: str, worker_index: int = 0, objective: Objective | None = None) -> dict:
@@ -437,9 +451,11 @@ def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
                            "directions": list(spec.directions)}
     if spec.n_trials == 0:
         out.update({"n_complete": 0, "params": {}, "note": NOTE_NO_TRIALS})
+        if launch_info:
+            out["launch"] = launch_info
         if study == "lambda":
             _write_pareto(layout, [], None, spec, config)
-        write_json(layout.tuned(study), {**out, **({"launch": launch_info} if launch_info else {})})
+        write_json(layout.tuned(study), out)
         log.info("tuning/%s.json: %s", study, NOTE_NO_TRIALS)
         return out
     storage = open_storage(config)
@@ -576,12 +592,15 @@ def _launch_local(config: dict, study: str, n: int, layout: Layout) -> list[dict
     write_text(config_file, dump_config(config))
     logs = layout.logs / "tune"
     logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)  # the password, if any, travels here, never on the command line
+    if "OMP_NUM_THREADS" not in env:  # N workers share this machine's cores instead of each taking all
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     running = []
     for i in range(n):
         log_path = logs / f"{study}.local.worker{i}.log"
         cmd = [sys.executable, "-m", "moegate.cli", "tune", study, "--config", str(config_file), "--worker", str(i)]
         with open(log_path, "w") as out:
-            running.append((i, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), log_path,
+            running.append((i, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), log_path,
                             time.monotonic()))
         log.info("worker %d: pid %d, log %s", i, running[-1][1].pid, log_path)
     jobs, failed = [], []
@@ -620,9 +639,9 @@ def _launch_slurm(config: dict, study: str, n: int, layout: Layout) -> list[dict
     for i, job in enumerate(array):
         try:
             summary = job.result()
-            jobs.append({"worker": i, "job_id": job.job_id, "state": job.state, "wall_s": summary["wall_s"]})
+            jobs.append({"worker": i, "job_id": job.job_id, "returned": True, "wall_s": summary["wall_s"]})
         except (FailedJobError, UncompletedJobError) as e:  # they carry the job's stderr tail
-            jobs.append({"worker": i, "job_id": job.job_id, "state": job.state})
+            jobs.append({"worker": i, "job_id": job.job_id, "returned": False, "state": job.state})
             failed.append(f"worker {i} (job {job.job_id}): {type(e).__name__}: {str(e).strip()[-500:]}")
     if failed:
         raise RuntimeError(f"study {study}: " + "; ".join(failed))

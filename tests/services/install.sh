@@ -5,6 +5,9 @@ set -e
 need=""
 command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need="$need postgresql"
 command -v slurmctld >/dev/null 2>&1 || need="$need munge slurmctld slurmd slurm-client"
+# Slurm accounting (sacct, accounts, GPU TRES per job) for tests/services/slurm.py
+[ -x /usr/sbin/slurmdbd ] || command -v slurmdbd >/dev/null 2>&1 || need="$need slurmdbd"
+[ -x /usr/sbin/mariadbd ] || command -v mariadbd >/dev/null 2>&1 || need="$need mariadb-server"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "install.sh: not root or no apt-get; tests needing:$need will skip" >&2

@@ -104,10 +104,15 @@ class SlurmCluster:
         return self.root / "log"
 
     @property
+    def bin(self) -> Path:
+        return self.root / "bin"
+
+    @property
     def env(self) -> dict[str, str]:
         """Environment for clients (sbatch, squeue, snakemake, submitit) talking to this cluster."""
         env = dict(os.environ)
         env["SLURM_CONF"] = str(self.conf)
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
         return env
 
     # -- bring-up ---------------------------------------------------------------------------
@@ -116,7 +121,7 @@ class SlurmCluster:
         reason = unavailable_reason()
         if reason:
             raise SlurmStartError(reason)
-        for sub in ("etc", "munge", "mysql", "state", "spool", "log", "run"):
+        for sub in ("etc", "munge", "mysql", "state", "spool", "log", "run", "bin"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.ports = {name: _free_port() for name in ("mysql", "dbd", "ctld", "slurmd")}
         deadline = time.monotonic() + timeout
@@ -211,6 +216,14 @@ StorageUser=root
 StorageLoc=slurm_acct_db
 """)
         dbd.chmod(0o600)  # slurmdbd refuses a config others can read
+        # The Snakemake jobstep plugin drops every SLURM_* variable but the job's identity before its
+        # nested `srun`, SLURM_CONF included, so srun looks for /etc/slurm/slurm.conf: where a real
+        # cluster keeps it. This cluster lives in a temp dir; an srun on PATH puts SLURM_CONF back.
+        srun = self.bin / "srun"
+        real = shutil.which("srun", path=os.pathsep.join(
+            p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p).resolve() != self.bin))
+        srun.write_text(f"#!/bin/sh\nSLURM_CONF={self.conf} exec {real} \"$@\"\n")
+        srun.chmod(0o755)
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         out = open(self.logs / f"{name}.stdout", "ab")
@@ -393,7 +406,7 @@ def _main(argv: list[str]) -> int:
         # the daemons outlive this process; `down` stops them by the PIDs in pids.json
         for proc in cluster.procs.values():
             proc.returncode = 0  # keep Popen.__del__ quiet: we hand the PIDs over
-        print(f"export SLURM_CONF={cluster.conf}")
+        print(f"export SLURM_CONF={cluster.conf} PATH={cluster.bin}:$PATH")
         return 0
     pids_file = root / "pids.json"
     if not pids_file.exists():

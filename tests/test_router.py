@@ -1,0 +1,291 @@
+"""The public router API: save_router → Router.from_pretrained → route / predict, and the route CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoTokenizer
+from typer.testing import CliRunner
+
+from moegate.dact import DactRouterModel, HeadConfig
+from moegate.router import Router, RouteResult, save_router
+
+LABELS = ["dsci_101", "dsci_dl_510", "dsci_vis_510"]
+MAX_LENGTH = 32
+ODD_TEXTS = [
+    "",
+    "   \n\t ",
+    "word " * 5000,
+    "什么是线性回归？",
+    "ما هو الانحدار الخطي؟",
+    "🤖📊❓ " * 3,
+    "What is a p-value?",
+]
+
+
+def build_model(backbone_dir: Path, seed: int = 1) -> DactRouterModel:
+    """A DACT model on a tiny random backbone whose rows exit at different layers.
+
+    All the backbone's matrices are re-drawn from ``seed`` (the fixture's own init is unseeded), larger
+    than HF's std 0.02, which leaves [CLS] almost the same for every input; the heads are random with
+    halting biased towards early exits. Seed 1 spreads the test questions over all three exit layers.
+    """
+    torch.manual_seed(seed)
+    model = DactRouterModel(AutoModel.from_pretrained(backbone_dir), len(LABELS),
+                            HeadConfig(projection_dim=16, width=16))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.encoder.named_parameters():
+            if p.dim() == 2:
+                std = 1.0 if "embeddings" in name else 1.5 / p.shape[-1] ** 0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for module in [model.projection, *model.classifiers, *model.halting]:
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 2 / p.shape[-1] ** 0.5)
+        for g in model.halting:
+            g.output.bias.fill_(-1.0)
+    return model.eval()
+
+
+def save(backbone_dir: Path, out: Path, **kwargs) -> tuple[Path, DactRouterModel]:
+    model = build_model(backbone_dir)
+    tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
+    args = {
+        "labels": LABELS,
+        "max_length": MAX_LENGTH,
+        "lambda_": 0.05,
+        "metadata": {"backbone_model": "tiny-random-bert", "training": {"epochs": 1}, "studies": {}},
+        "extra_json": {"training.json": {"epochs": [{"epoch": 1, "val_loss": 1.0}]}},
+        **kwargs,
+    }
+    save_router(out, model, tokenizer, **args)
+    return out, model
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_bert_dir, tmp_path_factory):
+    return save(tiny_bert_dir, tmp_path_factory.mktemp("saved") / "router")
+
+
+@pytest.fixture(scope="module")
+def router(saved) -> Router:
+    return Router.from_pretrained(saved[0], device="cpu")
+
+
+def broken_copy(saved_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "router"
+    shutil.copytree(saved_dir, dst)
+    return dst
+
+
+# -- saving ----------------------------------------------------------------------------------------------
+def test_router_directory_holds_the_contracted_files(saved):
+    path, model = saved
+    names = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "training.json", "tokenizer_config.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temp dir left behind"
+    config = json.loads((path / "config.json").read_text())
+    assert config["labels"] == LABELS and config["num_layers"] == model.num_layers == 3
+    assert config["max_length"] == MAX_LENGTH and config["lambda_"] == 0.05
+    assert config["head"] == model.head_config.to_dict()
+    assert config["backbone"]["model_type"] == "bert" and config["backbone"]["hidden_size"] == 32
+    assert "(1 - p_n)^d" in config["exit_rule"]["formula"]
+    assert config["metadata"]["backbone_model"] == "tiny-random-bert"
+    assert json.loads((path / "training.json").read_text())["epochs"][0]["epoch"] == 1
+    card = (path / "README.md").read_text()
+    assert all(label in card for label in LABELS) and "Router.from_pretrained" in card
+
+
+def test_saving_again_replaces_the_directory(tiny_bert_dir, tmp_path):
+    path, _ = save(tiny_bert_dir, tmp_path / "router")
+    (path / "stale.txt").write_text("from an older run")
+    save(tiny_bert_dir, path, extra_json=None)
+    assert not (path / "stale.txt").exists() and not (path / "training.json").exists()
+    assert Router.from_pretrained(path, device="cpu").labels == LABELS
+
+
+def test_save_router_checks_its_arguments(tiny_bert_dir, tmp_path):
+    with pytest.raises(ValueError, match="2 labels for a model with 3 experts"):
+        save(tiny_bert_dir, tmp_path / "a", labels=LABELS[:2])
+    with pytest.raises(ValueError, match="extra_json key 'config.json'"):
+        save(tiny_bert_dir, tmp_path / "b", extra_json={"config.json": {}})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+def test_loaded_router_predicts_like_the_trained_model(saved, router):
+    path, model = saved
+    assert router.labels == LABELS and router.num_layers == 3 and router.max_length == MAX_LENGTH
+    texts = ["what is gradient descent", "plot a histogram", "mean and median", ""]
+    enc = AutoTokenizer.from_pretrained(path)(texts, padding=True, truncation=True, max_length=MAX_LENGTH,
+                                              return_tensors="pt")
+    want_probs, want_layers = model.early_exit(enc["input_ids"], enc["attention_mask"])
+    probs, layers = router.predict(texts)
+    np.testing.assert_allclose(probs, want_probs.numpy(), atol=1e-6)
+    assert layers.tolist() == want_layers.tolist()
+
+
+def test_public_import():
+    import moegate
+
+    assert moegate.Router is Router and moegate.RouteResult is RouteResult
+
+
+def test_distilbert_router_round_trip(tiny_distilbert_dir, tmp_path):
+    path, _ = save(tiny_distilbert_dir, tmp_path / "router")
+    loaded = Router.from_pretrained(path, device="cpu")
+    assert loaded.model.model_type == "distilbert" and loaded.num_layers == 2
+    results = loaded.route(ODD_TEXTS)
+    assert [r.expert in LABELS for r in results] == [True] * len(ODD_TEXTS)
+
+
+@pytest.mark.parametrize("remove,message", [
+    ("model.safetensors", r"model\.safetensors: missing"),
+    ("config.json", r"config\.json: missing"),
+    ("tokenizer_config.json", r"tokenizer_config\.json: missing"),
+])
+def test_missing_files_are_named(saved, tmp_path, remove, message):
+    path = broken_copy(saved[0], tmp_path)
+    (path / remove).unlink()
+    with pytest.raises(FileNotFoundError, match=message):
+        Router.from_pretrained(path, device="cpu")
+
+
+def test_mismatched_weights_name_the_file_and_keys(saved, tmp_path):
+    path = broken_copy(saved[0], tmp_path)
+    state = load_file(path / "model.safetensors")
+    state["classifiers.0.3.weight"] = state["classifiers.0.3.weight"][:2].contiguous()  # 2 experts, not 3
+    del state["halting.2.3.bias"]
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(ValueError) as err:
+        Router.from_pretrained(path, device="cpu")
+    text = str(err.value)
+    assert "model.safetensors" in text and "classifiers.0.3.weight: file (2, 16) vs model (3, 16)" in text
+    assert "missing tensors" in text and "halting.2.3.bias" in text
+    assert "unexpected tensors" in text and "extra.weight" in text
+
+
+def test_unreadable_or_foreign_files_are_clear_errors(saved, tmp_path, tiny_bert_dir):
+    path = broken_copy(saved[0], tmp_path)
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        Router.from_pretrained(path, device="cpu")
+    with pytest.raises(ValueError, match="is this a backbone directory"):
+        Router.from_pretrained(tiny_bert_dir, device="cpu")
+    config = json.loads((saved[0] / "config.json").read_text())
+    config["labels"] = "dsci_101"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="key 'labels' must be a list"):
+        Router.from_pretrained(path, device="cpu")
+    with pytest.raises(FileNotFoundError, match="router directory not found"):
+        Router.from_pretrained(tmp_path / "nowhere")
+
+
+# -- routing ---------------------------------------------------------------------------------------------
+def test_odd_inputs_route_without_crashing(router):
+    results = router.route(ODD_TEXTS)
+    assert len(results) == len(ODD_TEXTS)
+    for r in results:
+        assert r.expert in LABELS and 0.0 <= r.probability <= 1.0 and 1 <= r.exit_layer <= router.num_layers
+        assert next(iter(r.distribution)) == r.expert and r.probability == r.distribution[r.expert]
+        assert abs(sum(r.distribution.values()) - 1.0) < 1e-5
+        json.dumps(r.to_dict())
+    # a very long question is its first max_length tokens
+    long, truncated = router.route(["word " * 5000, "word " * (MAX_LENGTH + 5)])
+    assert long == truncated
+    assert router.route([]) == []
+
+
+def test_results_do_not_depend_on_batching(router):
+    texts = ODD_TEXTS + [f"question {i} about {w}" for i, w in enumerate(["data", "models", "plots"] * 4)]
+    one_batch = router.predict(texts, batch_size=64)
+    small_batches = router.predict(texts, batch_size=2)
+    assert len(set(one_batch[1].tolist())) > 1, "rows should leave at different layers"
+    np.testing.assert_allclose(small_batches[0], one_batch[0], atol=1e-5)
+    assert small_batches[1].tolist() == one_batch[1].tolist()
+
+
+def test_early_exit_agrees_with_full_depth(router):
+    texts = ODD_TEXTS + [f"question {i} about {w}" for i, w in enumerate(["data", "models", "plots", "tests"] * 8)]
+    probs, layers = router.predict(texts)
+    full, full_layers = router.predict(texts, early_exit=False)
+    assert (probs.argmax(1) == full.argmax(1)).all()
+    assert set(full_layers.tolist()) == {router.num_layers}
+    assert layers.min() >= 1 and layers.max() <= router.num_layers
+    assert len(set(layers.tolist())) > 1 and len(set(probs.argmax(1).tolist())) > 1, "test model too uniform"
+
+
+def test_predict_tokens_matches_predict_on_max_length_padding(router):
+    texts = ["short", "a somewhat longer question about neural networks", ""]
+    enc = router.tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="np")
+    probs, layers = router.predict_tokens(enc["input_ids"], enc["attention_mask"], batch_size=2)
+    want = router.predict(texts)
+    np.testing.assert_allclose(probs, want[0], atol=1e-5)
+    assert layers.tolist() == want[1].tolist()
+
+
+def test_top_k_and_abstain(router):
+    texts = ["what is a confidence interval", "explain backpropagation"]
+    full = router.route(texts)
+    top1 = router.route(texts, top_k=1)
+    assert [list(r.distribution) for r in top1] == [[r.expert] for r in full]
+    assert [len(r.distribution) for r in router.route(texts, top_k=10)] == [3, 3]
+    highest = max(r.probability for r in full)
+    abstained = router.route(texts, abstain_below=min(1.0, highest + 1e-6))
+    assert [r.expert for r in abstained] == [None, None]
+    assert [r.probability for r in abstained] == [r.probability for r in full]  # still reported
+    assert [r.expert for r in router.route(texts, abstain_below=0.0)] == [r.expert for r in full]
+    with pytest.raises(ValueError, match="top_k"):
+        router.route(texts, top_k=0)
+    with pytest.raises(ValueError, match="abstain_below"):
+        router.route(texts, abstain_below=1.5)
+
+
+def test_saved_abstain_threshold_is_the_default(tiny_bert_dir, tmp_path):
+    path, _ = save(tiny_bert_dir, tmp_path / "router", abstain_below=1.0)
+    gate = Router.from_pretrained(path, device="cpu")
+    assert gate.route(["anything"])[0].expert is None
+    assert gate.route(["anything"], abstain_below=0.0)[0].expert in LABELS
+
+
+def test_route_wants_a_list_of_strings(router):
+    with pytest.raises(TypeError, match="wrap a single question in a list"):
+        router.route("what is a p-value?")
+    with pytest.raises(TypeError, match=r"texts\[1\]: expected a string, got NoneType"):
+        router.route(["ok", None])
+
+
+def test_route_cli_prints_one_json_object_per_question(saved):
+    from moegate.cli import app
+
+    result = CliRunner().invoke(app, ["route", "--router", str(saved[0]), "--top-k", "2",
+                                      "what is a p-value?", "什么是神经网络"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [x["question"] for x in lines] == ["what is a p-value?", "什么是神经网络"]
+    for x in lines:
+        assert x["expert"] in LABELS and len(x["distribution"]) == 2 and 1 <= x["exit_layer"] <= 3
+
+
+def test_max_length_beyond_the_backbone_is_lowered(tiny_bert_dir, tmp_path):
+    path, _ = save(tiny_bert_dir, tmp_path / "router", max_length=100_000)
+    gate = Router.from_pretrained(path, device="cpu")
+    assert gate.max_length == 128  # the tiny backbone's position embeddings
+    assert gate.route(["word " * 1000])[0].expert in LABELS
+
+
+def test_route_cli_names_a_broken_router_dir(saved, tmp_path):
+    from moegate.cli import app
+
+    path = broken_copy(saved[0], tmp_path)
+    (path / "model.safetensors").unlink()
+    result = CliRunner().invoke(app, ["route", "--router", str(path), "a question"])
+    assert result.exit_code == 2 and "model.safetensors: missing" in result.output

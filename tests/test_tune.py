@@ -1,0 +1,447 @@
+"""moegate.tune: shared studies, the exact budget across workers, kills and reruns, collect and the λ rule.
+
+Worker processes run this file as a script with a cheap sleep-based objective (no model training);
+one test at the end runs the real backbone objective on a tiny model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import write_config
+from optuna.trial import TrialState
+
+from moegate.config import ConfigError, load
+from moegate.storage import OWNER_KEY, STALE_KEY, open_storage, study_name
+from moegate.tune import (
+    RELEASED_KEY,
+    StudySpec,
+    _Worker,
+    admitted,
+    budget_counts,
+    choose_lambda,
+    collect,
+    create,
+    launch,
+    pareto_front,
+    suggest,
+    with_params,
+    worker,
+)
+
+SPACE = {
+    "backbone.learning_rate": {"type": "float", "low": 1.0e-5, "high": 1.0e-3, "log": True},
+    "backbone.batch_size": {"type": "categorical", "choices": [16, 32]},
+}
+
+
+def _config_path(tmp_path: Path, n_trials: int = 3, storage: str | None = None, **tuning) -> Path:
+    return write_config(tmp_path, tuning={
+        "storage": storage, "wait_s": 0.1, "heartbeat_interval_s": 1, "grace_period_s": 3,
+        "backbone": {"n_trials": n_trials, "pruner": "none", "search_space": SPACE}, **tuning})
+
+
+def sleepy_objective(config: dict, trial) -> dict:
+    """Sleeps MOEGATE_TEST_SLEEP seconds; accuracy peaks at learning rate 1e-4."""
+    time.sleep(float(os.environ.get("MOEGATE_TEST_SLEEP", "0.05")))
+    lr = config["backbone"]["learning_rate"]
+    return {"val_accuracy": 1.0 - abs(math.log10(lr) + 4.0) / 10.0, "val_loss": abs(math.log10(lr) + 4.0),
+            "epochs": 1, "curves": [{"epoch": 1}]}
+
+
+def lambda_objective(config: dict, trial) -> dict:
+    """Larger λ: fewer layers, a little less accuracy."""
+    lam = config["router"]["lambda_"]
+    return {"val_accuracy": 0.9 - 0.05 * lam, "val_mean_layers": 6.0 - 5.0 * lam ** 0.5,
+            "val_accuracy_full_depth": 0.9, "val_nll": 0.3}
+
+
+def _spawn(config_path: Path, index: int, sleep: float, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, str(config_path), "backbone", str(index)],
+                            env={**os.environ, **(env or {}), "MOEGATE_TEST_SLEEP": str(sleep)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[str]:
+    outputs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, out[-4000:]
+        outputs.append(out)
+    return outputs
+
+
+def _trials(config: dict, study: str = "backbone") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study_name(config, study), storage=open_storage(config)).get_trials()
+
+
+def _states(trials) -> dict[str, int]:
+    return {s.name: n for s in TrialState if (n := sum(t.state == s for t in trials))}
+
+
+def _wait_for_running(config: dict, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        try:
+            if any(t.state == TrialState.RUNNING and t.params for t in _trials(config)):
+                return  # inside the objective: its params are set
+        except (KeyError, FileNotFoundError):
+            pass  # the study does not exist yet
+        time.sleep(0.2)
+    raise AssertionError("no trial started within the timeout")
+
+
+# -- the study spec -----------------------------------------------------------------------------------
+
+def test_search_space_and_pruner_errors_name_the_key(tmp_path):
+    def spec(**backbone):
+        config = load(write_config(tmp_path, tuning={"backbone": {"search_space": SPACE, **backbone}}))
+        return StudySpec.from_config(config, "backbone")
+
+    assert spec().prunable and spec().metrics == ("val_accuracy",)
+    with pytest.raises(ConfigError, match="tuning.backbone.search_space.backbone.learnig_rate: the config has no"):
+        spec(search_space={"backbone.learnig_rate": {"type": "float", "low": 0.1, "high": 0.2}})
+    with pytest.raises(ConfigError, match="is a config section"):
+        spec(search_space={"router.head": {"type": "categorical", "choices": [1]}})
+    with pytest.raises(ConfigError, match="log range needs low > 0"):
+        spec(search_space={"backbone.dropout": {"type": "float", "low": 0.0, "high": 0.2, "log": True}})
+    with pytest.raises(ConfigError, match="low .* is above high"):
+        spec(search_space={"backbone.epochs": {"type": "int", "low": 5, "high": 2}})
+    with pytest.raises(ConfigError, match="pruner: median prunes on per-epoch val_accuracy"):
+        spec(metric="val_loss", direction="minimize")
+    assert not spec(metric="val_loss", direction="minimize", pruner="none").prunable
+    with pytest.raises(ConfigError, match="search_space: empty"):
+        spec(search_space={})
+    with pytest.raises(ConfigError, match="unknown study"):
+        StudySpec.from_config(load(write_config(tmp_path)), "heads")
+    lam = StudySpec.from_config(load(write_config(tmp_path)), "lambda")
+    assert lam.metrics == ("val_accuracy", "val_mean_layers") and lam.directions == ("maximize", "minimize")
+    assert lam.multi_objective and not lam.prunable
+
+
+def test_suggested_params_overlay_the_config_with_their_types(tmp_path):
+    config = load(write_config(tmp_path))
+    space = {**config["tuning"]["submodels"]["search_space"], **SPACE,
+             "backbone.epochs": {"type": "int", "low": 2, "high": 6, "step": 2}}
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask()
+    params = suggest(trial, space)
+    assert set(params) == set(space)
+    tuned = with_params(config, params)
+    assert tuned["router"]["head"]["batch_norm"] in (False, True)
+    assert isinstance(tuned["router"]["head"]["depth"], int) and tuned["backbone"]["epochs"] in (2, 4, 6)
+    assert 1e-5 <= tuned["backbone"]["learning_rate"] <= 1e-3
+    assert config["backbone"]["learning_rate"] == 5.0e-5  # the input config is untouched
+
+
+# -- the budget on hand-made trial sets ---------------------------------------------------------------
+
+def _t(number: int, state: TrialState) -> optuna.trial.FrozenTrial:
+    now = datetime.datetime.now()
+    return optuna.trial.FrozenTrial(
+        number=number, trial_id=number, state=state, value=1.0 if state == TrialState.COMPLETE else None,
+        values=None, datetime_start=now, datetime_complete=now if state.is_finished() else None, params={},
+        distributions={}, user_attrs={}, system_attrs={}, intermediate_values={})
+
+
+def test_admission_counts_complete_and_the_running_or_waiting_trials_ahead():
+    C, R, W, F, P = TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL, TrialState.PRUNED
+    trials = [_t(0, C), _t(1, F), _t(2, P), _t(3, R), _t(4, R)]
+    assert budget_counts(trials) == (1, 2)
+    assert admitted(trials, 3, n_trials=2)  # 1 complete + nothing running ahead of it
+    assert not admitted(trials, 4, n_trials=2)  # trial 3 holds the last slot
+    assert admitted(trials, 4, n_trials=3)
+    # a queued retry numbered below counts as taken: whoever pops it may run it
+    assert not admitted([_t(0, C), _t(1, W), _t(2, R)], 2, n_trials=2)
+    assert admitted([_t(0, C), _t(1, W), _t(2, R)], 1, n_trials=2)
+    # the highest-numbered of any admitted set sees all the others: never more than the budget
+    for n in range(1, 5):
+        runs = [_t(i, R) for i in range(6)]
+        assert sum(admitted(runs, t.number, n) for t in runs) == n
+
+
+# -- Pareto front and the λ rule ----------------------------------------------------------------------
+
+def test_pareto_front_on_hand_made_points():
+    points = [(0.90, 6.0), (0.90, 4.0), (0.88, 3.0), (0.85, 3.5), (0.80, 1.0), (0.80, 1.0), (0.95, 5.5)]
+    # (0.90, 6.0) is dominated by (0.90, 4.0); (0.85, 3.5) by (0.88, 3.0); equal points do not dominate each other
+    assert pareto_front(points) == [1, 2, 4, 5, 6]
+    assert pareto_front([]) == []
+
+
+def _rows(points):
+    return [{"trial": i, "router.lambda_": 0.01 * (i + 1), "val_accuracy": a, "val_mean_layers": m}
+            for i, (a, m) in enumerate(points)]
+
+
+def test_lambda_rule_fewest_layers_within_the_tolerance():
+    rows = _rows([(0.900, 6.0), (0.897, 4.0), (0.896, 3.0), (0.890, 2.0), (0.950, 5.8), (0.947, 5.0)])
+    assert choose_lambda(rows, tolerance=0.005)["trial"] == 5  # 0.947 is within 0.5 points of 0.950
+    assert choose_lambda(rows, tolerance=0.0)["trial"] == 4
+    assert choose_lambda(rows, tolerance=0.1)["trial"] == 3
+    # ties on layers: the higher accuracy, then the lower trial number
+    tie = _rows([(0.90, 3.0), (0.91, 3.0), (0.91, 3.0)])
+    assert choose_lambda(tie, tolerance=0.05)["trial"] == 1
+    for tol in (0.0, 0.004, 0.005, 0.02, 1.0):  # the chosen trial is always on the front
+        chosen = choose_lambda(rows, tol)
+        assert rows.index(chosen) in pareto_front([(r["val_accuracy"], r["val_mean_layers"]) for r in rows])
+    with pytest.raises(ValueError, match="no completed trials"):
+        choose_lambda([], 0.005)
+
+
+# -- one worker in this process -----------------------------------------------------------------------
+
+def test_worker_meets_the_budget_collect_writes_the_best_and_a_rerun_continues(tmp_path):
+    config = load(_config_path(tmp_path, n_trials=3))
+    assert create(config, "backbone") == "moegate.results.backbone"
+    summary = worker(config, "backbone", 0, objective=sleepy_objective)
+    assert summary["n_complete"] == 3 and summary["ran"] == {"complete": 3}
+    out = collect(config, "backbone")
+    saved = json.loads((tmp_path / "results" / "tuning" / "backbone.json").read_text())
+    assert saved["params"] == out["params"] and set(saved["params"]) == set(SPACE)
+    assert saved["study"] == "moegate.results.backbone" and saved["storage"].startswith("journal:")
+    assert saved["n_complete"] == 3 and saved["states"] == {"COMPLETE": 3}
+    best = max(saved["trials"], key=lambda t: t["values"][0])
+    assert saved["best_trial"] == best["number"] and saved["best_value"] == best["values"][0]
+    assert saved["trials"][0]["worker"]["pid"] == os.getpid()
+    assert saved["trials"][0]["metrics"]["val_loss"] >= 0  # scalar fit results are kept; curves are not
+    assert "curves" not in saved["trials"][0]["metrics"]
+    # the budget is met: a rerun adds nothing; a larger budget continues the same study
+    assert worker(config, "backbone", 1, objective=sleepy_objective)["ran"] == {}
+    bigger = load(_config_path(tmp_path, n_trials=5))
+    assert worker(bigger, "backbone", 0, objective=sleepy_objective)["ran"] == {"complete": 2}
+    assert _states(_trials(bigger)) == {"COMPLETE": 5}
+
+
+def test_a_changed_search_space_is_refused_on_the_same_study(tmp_path):
+    config = load(_config_path(tmp_path, n_trials=1))
+    worker(config, "backbone", 0, objective=sleepy_objective)
+    changed = load(write_config(tmp_path, tuning={"backbone": {
+        "n_trials": 2, "pruner": "none", "search_space": {"backbone.dropout": {"type": "float", "low": 0, "high": 0.5}}}}))
+    with pytest.raises(ConfigError, match="set tuning.study_prefix to start a new study"):
+        worker(changed, "backbone", 0, objective=sleepy_objective)
+
+
+def test_n_trials_zero_collects_a_note_without_any_storage(tmp_path):
+    config = load(write_config(tmp_path, tuning={"backbone": {"n_trials": 0}, "lambda": {"n_trials": 0}}))
+    assert worker(config, "backbone", 0)["ran"] == {}
+    for study in ("backbone", "lambda"):
+        out = collect(config, study)
+        assert out["params"] == {} and "config's values stand" in out["note"]
+    tuning = tmp_path / "results" / "tuning"
+    assert not (tuning / "optuna.journal").exists()
+    assert (tuning / "lambda_pareto.csv").read_text().startswith("trial,router.lambda_,val_accuracy")
+    assert (tuning / "lambda_pareto.png").stat().st_size > 1000
+
+
+def test_collect_refuses_an_unfinished_study(tmp_path):
+    config = load(_config_path(tmp_path, n_trials=2))
+    with pytest.raises(RuntimeError, match="not found .* run its workers first"):
+        collect(config, "backbone")
+    worker(load(_config_path(tmp_path, n_trials=1)), "backbone", 0, objective=sleepy_objective)
+    with pytest.raises(RuntimeError, match="1 of 2 trials complete"):
+        collect(config, "backbone")
+
+
+def test_a_worker_gives_up_after_max_failures_in_a_row(tmp_path):
+    config = load(_config_path(tmp_path, n_trials=2, max_failures=2))
+
+    def broken(config, trial):
+        raise FloatingPointError("loss is nan")
+
+    with pytest.raises(RuntimeError, match="2 trials .* failed in a row .* FloatingPointError: loss is nan"):
+        worker(config, "backbone", 0, objective=broken)
+    trials = _trials(config)
+    assert _states(trials) == {"FAIL": 2}
+    assert trials[0].user_attrs["moegate.error"] == "FloatingPointError: loss is nan"
+
+
+def test_a_trial_over_the_budget_is_released_and_a_refused_retry_queued_again(tmp_path):
+    config = load(_config_path(tmp_path, n_trials=1))
+    spec = StudySpec.from_config(config, "backbone")
+    w = _Worker(config, spec, 0, sleepy_objective)
+    study = w.study = optuna.create_study(study_name=study_name(config, "backbone"), storage=open_storage(config),
+                                          direction="maximize")
+    holder = study.ask()  # another live worker's trial holds the only slot
+    study.enqueue_trial({"backbone.learning_rate": 1e-4, "backbone.batch_size": 32})
+    assert w._run_trial(study.ask()) == ("released", None)  # pops the queued params: refused
+    assert w._run_trial(study.ask()) == ("released", None)  # the params were queued again
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert RELEASED_KEY in trials[1].user_attrs and RELEASED_KEY in trials[2].user_attrs
+    assert trials[3].system_attrs["fixed_params"] == {"backbone.learning_rate": 1e-4, "backbone.batch_size": 32}
+    study.tell(holder, 0.5)
+    assert budget_counts(study.get_trials()) == (1, 0)
+
+
+def test_lambda_study_writes_the_front_and_the_chosen_lambda(tmp_path):
+    config = load(write_config(tmp_path, tuning={"lambda": {"n_trials": 6, "sampler": "random"}}))
+    worker(config, "lambda", 0, objective=lambda_objective)
+    out = collect(config, "lambda")
+    csv = (tmp_path / "results" / "tuning" / "lambda_pareto.csv").read_text().splitlines()
+    assert csv[0] == "trial,router.lambda_,val_accuracy,val_mean_layers,val_accuracy_full_depth,val_nll,pareto,chosen"
+    assert len(csv) == 7 and sum(line.endswith(",True") for line in csv) == 1  # one chosen row
+    rows = [{"trial": t["number"], "val_accuracy": t["values"][0], "val_mean_layers": t["values"][1]}
+            for t in out["trials"]]
+    expected = choose_lambda(rows, 0.005)
+    assert out["chosen"]["trial"] == expected["trial"]
+    assert out["params"] == {"router.lambda_": out["chosen"]["router.lambda_"]}
+    assert len(out["pareto"]) == 6  # this objective trades accuracy for layers monotonically
+    assert (tmp_path / "results" / "tuning" / "lambda_pareto.png").stat().st_size > 1000
+
+
+# -- several worker processes -------------------------------------------------------------------------
+
+def test_two_concurrent_workers_on_the_journal_file_finish_exactly_the_budget(tmp_path):
+    path = _config_path(tmp_path, n_trials=6)
+    config = load(path)
+    outputs = _finish([_spawn(path, i, sleep=0.3) for i in range(2)])
+    trials = _trials(config)
+    assert _states(trials) in ({"COMPLETE": 6}, {"COMPLETE": 6, "FAIL": 1}, {"COMPLETE": 6, "FAIL": 2})
+    assert all(RELEASED_KEY in t.user_attrs for t in trials if t.state == TrialState.FAIL)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # one consistent journal
+    workers = {t.user_attrs[OWNER_KEY]["worker"] for t in trials if t.state == TrialState.COMPLETE}
+    assert workers == {0, 1}, outputs
+
+
+def _kill_mid_trial_then_rerun(path: Path, env: dict | None = None) -> tuple[list, str]:
+    config = load(path)
+    victim = _spawn(path, 0, sleep=120, env=env)
+    _wait_for_running(config, victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert [t.state for t in _trials(config)] == [TrialState.RUNNING]  # what a killed worker leaves
+    out = _finish([_spawn(path, 0, sleep=0.05, env=env)])[0]
+    return _trials(config), out
+
+
+def test_journal_worker_killed_mid_trial_then_rerun_ends_exact_with_nothing_running(tmp_path):
+    trials, out = _kill_mid_trial_then_rerun(_config_path(tmp_path, n_trials=3))
+    assert "is stale" in out
+    assert _states(trials) == {"COMPLETE": 3, "FAIL": 1}
+    killed = trials[0]
+    assert killed.state == TrialState.FAIL and "is gone" in killed.user_attrs[STALE_KEY]
+    retry = trials[1]  # same host, dead PID: recovered at once, so the retry runs first
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+    assert retry.system_attrs["failed_trial"] == 0
+
+
+@pytest.mark.postgres
+def test_two_concurrent_workers_on_an_empty_postgres_finish_exactly_the_budget(tmp_path, postgres):
+    path = _config_path(tmp_path, n_trials=6, storage=postgres.database())
+    env = {"MOEGATE_DB_PASSWORD": postgres.password}
+    outputs = _finish([_spawn(path, i, sleep=0.3, env=env) for i in range(2)])  # nobody created the study first
+    os.environ["MOEGATE_DB_PASSWORD"] = postgres.password
+    try:
+        trials = _trials(load(path))
+    finally:
+        del os.environ["MOEGATE_DB_PASSWORD"]
+    assert _states(trials)["COMPLETE"] == 6 and "RUNNING" not in _states(trials)
+    assert all(RELEASED_KEY in t.user_attrs for t in trials if t.state == TrialState.FAIL)
+    for out in outputs:
+        assert postgres.password not in out
+
+
+@pytest.mark.postgres
+def test_postgres_worker_killed_mid_trial_then_rerun_ends_exact_with_nothing_running(tmp_path, postgres,
+                                                                                     monkeypatch):
+    path = _config_path(tmp_path, n_trials=3, storage=postgres.database(), grace_period_s=2)
+    monkeypatch.setenv("MOEGATE_DB_PASSWORD", postgres.password)
+    trials, out = _kill_mid_trial_then_rerun(path)
+    states = _states(trials)
+    assert states["COMPLETE"] == 3 and states["FAIL"] == 1 and "RUNNING" not in states
+    assert trials[0].state == TrialState.FAIL
+    # its params ran again once its heartbeat went stale (the rerun waited for that before exiting)
+    assert any(t.state == TrialState.COMPLETE and t.params == trials[0].params for t in trials[1:])
+    assert postgres.password not in out
+
+
+# -- launch and the real objective --------------------------------------------------------------------
+
+def test_launch_local_runs_worker_processes_and_collects(tmp_path):
+    config = load(write_config(tmp_path, tuning={"training": {"n_trials": 0}}))
+    out = launch(config, "training", workers=2, launcher="local")
+    assert out["params"] == {} and out["launch"]["workers"] == 2
+    assert [j["returncode"] for j in out["launch"]["jobs"]] == [0, 0]
+    assert json.loads((tmp_path / "results" / "tuning" / "training.json").read_text())["launch"]["launcher"] == "local"
+    with pytest.raises(ValueError, match="--launcher must be slurm or local"):
+        launch(config, "training", workers=1, launcher="ssh")
+
+
+def test_backbone_study_with_the_real_objective_on_a_tiny_model(tiny_run, caplog):
+    caplog.set_level(logging.INFO, logger="moegate.tune")
+    config = tiny_run
+    config["tuning"]["backbone"].update(n_trials=2, search_space={
+        "backbone.learning_rate": {"type": "float", "low": 5.0e-4, "high": 2.0e-3, "log": True},
+        "backbone.epochs": {"type": "int", "low": 1, "high": 2}})
+    summary = worker(config, "backbone", 0)
+    out = collect(config, "backbone")
+    assert summary["n_complete"] == 2 and out["n_complete"] == 2
+    assert 0.0 <= out["best_value"] <= 1.0 and out["best_metrics"]["val_accuracy"] == out["best_value"]
+    assert set(out["params"]) == {"backbone.learning_rate", "backbone.epochs"}
+
+
+def test_lambda_study_with_the_real_router_objective_on_a_tiny_model(tiny_run):
+    from moegate.train_backbone import train_backbone
+
+    config = tiny_run
+    train_backbone(config)  # the router studies train on the (tuned) backbone
+    config["tuning"]["lambda"]["n_trials"] = 2
+    worker(config, "lambda", 0)
+    out = collect(config, "lambda")
+    assert out["n_complete"] == 2 and set(out["params"]) == {"router.lambda_"}
+    assert 1.0 <= out["chosen"]["val_mean_layers"] <= 3.0  # the tiny backbone has 3 layers
+    assert {"val_accuracy_full_depth", "val_nll"} <= set(out["chosen"])
+    csv = (Path(config["results"]) / "tuning" / "lambda_pareto.csv").read_text().splitlines()
+    assert len(csv) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_launch_on_slurm_runs_the_workers_as_a_job_array(tiny_run, tmp_path_factory, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent / "services"))
+    from slurm import ACCOUNT, SlurmCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    try:
+        for key in ("SLURM_CONF", "PATH"):
+            monkeypatch.setenv(key, cluster.env[key])
+        config = tiny_run
+        config["tuning"]["slurm"].update(partition="gpu", account=ACCOUNT, gpus=1, time_min=10, mem_gb=2, cpus=1)
+        config["tuning"]["backbone"].update(n_trials=2, search_space={
+            "backbone.learning_rate": {"type": "float", "low": 5.0e-4, "high": 2.0e-3, "log": True}})
+        out = launch(config, "backbone", workers=2, launcher="slurm")
+        assert out["n_complete"] == 2 and out["launch"]["launcher"] == "slurm"
+        jobs = out["launch"]["jobs"]
+        assert [j["returned"] for j in jobs] == [True, True]
+        assert len({j["job_id"].split("_")[0] for j in jobs}) == 1  # one array
+        slurm_jobs = {t["worker"]["slurm_job_id"] for t in out["trials"]}
+        assert slurm_jobs <= {j["job_id"] for j in jobs} and None not in slurm_jobs
+    finally:
+        cluster.stop()
+
+
+def _main(argv: list[str]) -> None:
+    """Worker process: ``python tests/test_tune.py CONFIG STUDY INDEX`` with the sleep-based objective."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_path, study, index = argv
+    objective = lambda_objective if study == "lambda" else sleepy_objective
+    worker(load(config_path), study, int(index), objective=objective)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
