@@ -32,7 +32,8 @@ class Reply:
     delay_s: float = 0.0  # sleep before answering (past the client's timeout = a timeout)
 
     @classmethod
-    def content(cls, text: str, delay_s: float = 0.0, prompt_tokens: int = 50, completion_tokens: int = 20) -> Reply:
+    def content(cls, text: str, delay_s: float = 0.0, prompt_tokens: int = 50,
+                completion_tokens: int = 20) -> Reply:
         """A 200 chat completion whose message content is ``text`` (any string: JSON or not)."""
         body = {
             "id": "chatcmpl-stub",

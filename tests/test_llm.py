@@ -44,7 +44,8 @@ def writer(stub: StubLLM, tmp_path, **overrides) -> OpenAIQuestionWriter:
     ('["What is X?", "Why Y?"]', ["What is X?", "Why Y?"]),
     ('```json\n{"questions": ["What is X?"]}\n```', ["What is X?"]),
     ('Sure! Here you go: {"questions": ["What is X?"]} Hope it helps.', ["What is X?"]),
-    ("Here are four questions:\n1. What is X?\n2) Why does Y happen?\n\nEnjoy", ["What is X?", "Why does Y happen?"]),
+    ("Here are four questions:\n1. What is X?\n2) Why does Y happen?\n\nEnjoy",
+     ["What is X?", "Why does Y happen?"]),
     ("- What is X?\n* How is Y made?\n• Why Z?", ["What is X?", "How is Y made?", "Why Z?"]),
     ('{"questions": ["What is X?", "How does Y work?", "Why is Z tru', ["What is X?", "How does Y work?"]),
     ("What is X?\nHow is Y measured?", ["What is X?", "How is Y measured?"]),
@@ -83,10 +84,11 @@ def test_request_key_covers_the_request_but_not_the_key(key, tmp_path):
 # -- the stub server --------------------------------------------------------------------------------
 
 def test_success_counts_tokens_and_sends_the_configured_request(key, tmp_path):
-    with StubLLM([Reply.ok(["What is photosynthesis?", "Where are chloroplasts?", "What is glucose?"])]) as stub:
+    questions = ["What is photosynthesis?", "Where are chloroplasts?", "What is glucose?"]
+    with StubLLM([Reply.ok(questions)]) as stub:
         out = writer(stub, tmp_path).questions("e/0/0", TEXT, 3)
     assert out.failure is None
-    assert out.questions == ["What is photosynthesis?", "Where are chloroplasts?", "What is glucose?"]
+    assert out.questions == questions
     assert (out.calls, out.cache_misses, out.prompt_tokens, out.completion_tokens) == (1, 1, 50, 20)
     sent = stub.requests[0]
     assert sent["model"] == "stub-model" and sent["response_format"] == {"type": "json_object"}

@@ -27,10 +27,11 @@ class Killed(RuntimeError):
 
 
 def make_model(tiny_bert_dir, seed: int = 0) -> BackboneClassifier:
-    from transformers import AutoModel
+    """The tiny BERT with weights drawn from ``seed`` (the session fixture's own weights are unseeded)."""
+    from transformers import AutoConfig, AutoModel
 
     torch.manual_seed(seed)
-    encoder = AutoModel.from_pretrained(tiny_bert_dir)
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir))
     return BackboneClassifier(encoder, ClassifierHead(encoder.config.hidden_size, 3, dropout=0.1))
 
 

@@ -134,7 +134,8 @@ class Outcome:
 
 # -- parsing ----------------------------------------------------------------------------------------
 
-_LIST_ITEM = re.compile(r"^\s*(?:\d{1,3}[.)\]:]|[-*•]|Q\d{1,3}[.):]|Question\s*\d{1,3}[.):]?)\s+(.+?)\s*$", re.IGNORECASE)
+_LIST_ITEM = re.compile(r"^\s*(?:\d{1,3}[.)\]:]|[-*•]|Q\d{1,3}[.):]|Question\s*\d{1,3}[.):]?)\s+(.+?)\s*$",
+                        re.IGNORECASE)
 _JSON_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
@@ -233,7 +234,7 @@ class ReplyCache:
             entry = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # atomic writes make this rare: treat as a miss
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # rare with atomic writes: a miss
             log.warning("%s: unreadable cache entry (%s); asking again", path, e)
             return None
         return entry.get("reply")
@@ -318,7 +319,8 @@ class OpenAIQuestionWriter:
                 logging.getLogger(name).setLevel(logging.WARNING)
 
     # -- requests --
-    def build_request(self, text: str, n: int, bad_reply: str | None = None, attempt: int = 0) -> dict[str, Any]:
+    def build_request(self, text: str, n: int, bad_reply: str | None = None,
+                      attempt: int = 0) -> dict[str, Any]:
         """The chat request for one context (what is sent, and what the cache key hashes).
 
         ``bad_reply`` and ``attempt`` (1, 2, ...) make a re-ask after an unreadable reply; the attempt
@@ -331,8 +333,9 @@ class OpenAIQuestionWriter:
         if bad_reply is not None:  # re-ask: show the model its reply and what we need instead
             messages += [
                 {"role": "assistant", "content": bad_reply[:_ECHO_CHARS]},
-                {"role": "user", "content": f'That reply could not be read (try {attempt + 1}). Reply only with '
-                                            f'{{"questions": ["...", "..."]}} holding {n} questions as strings.'},
+                {"role": "user",
+                 "content": f'That reply could not be read (try {attempt + 1}). Reply only with '
+                            f'{{"questions": ["...", "..."]}} holding {n} questions as strings.'},
             ]
         request: dict[str, Any] = {
             "model": self.settings.model,
@@ -432,7 +435,8 @@ class OpenAIQuestionWriter:
             delay = retry_after if retry_after is not None else self._backoff(tries)
             if tries > s.max_retries or (left <= 0 and delay > 0):
                 outcome.failure = reason
-                outcome.detail = f"{detail}; gave up after {tries} tries and {outcome.waited_s:.1f} s of waiting"
+                outcome.detail = (f"{detail}; gave up after {tries} tries and "
+                                  f"{outcome.waited_s:.1f} s of waiting")
                 log.warning("%s: %s", outcome.context_id, outcome.detail)
                 return None
             delay = min(delay, left)  # Retry-After honoured, but never past our budget

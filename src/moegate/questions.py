@@ -22,7 +22,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-MODEL_NAME = "offline-templates-v1"  # recorded in queries/{expert}.parquet `model`; bump when templates change
+# recorded in queries/{expert}.parquet `model`; bump when the templates change
+MODEL_NAME = "offline-templates-v1"
 
 # Function words, spoken fillers (lecture transcripts are a common KB) and textbook boilerplate.
 STOP_WORDS = frozenset("""
@@ -93,7 +94,7 @@ written sat stood lost paid met led understood spent grew grown won bought built
 COMMON_VERBS = frozenset(_IRREGULAR).union(*(_inflections(v) for v in _VERB_LEMMAS))
 
 # Adverb suffixes that (almost) never end a noun: "typically", "rapidly", "efficiently", ...
-_ADVERB = re.compile(r"(?:ally|ively|ously|ently|antly|ingly|edly|ately|ably|ibly|fully|lessly|arly|ularly|ely)$")
+_ADVERB = re.compile(r"(?:ally|ively|ously|ently|antly|ingly|edly|ately|ably|ibly|fully|lessly|arly|ely)$")
 _LY_NOUNS = frozenset("""
 family supply assembly monopoly oligopoly duopoly anomaly italy butterfly reply ally july jelly belly homily
 lily rally tally firefly polygyny polyandry
@@ -259,12 +260,15 @@ class Clause:
 _DEPENDENT_START = frozenset("""
 this these that those it its they their he she his her we our you your i here there so and but or then
 also for as if because however thus therefore such another other both each which what who
-kind sort like just well now yeah anyway again
+kind sort like just well now yeah anyway again right alright actually basically
 """.split())
 _RELATIVE = frozenset({"that", "which", "who", "whom", "whose", "where", "when", "if", "because", "while"})
 _URL = re.compile(r"\S+://\S+|www\.\S+|\S+\.(?:org|com|edu|net|gov|io)(?:/\S*)?\b")
-_LEANING = re.compile(r"(?:in|at|for|on|from|by) (?:this|that|these|those|the same|our|my|your)\b|for example\b",
-                      re.IGNORECASE)
+_LEANING = re.compile(
+    r"(?:in|at|for|on|from|by) (?:this|that|these|those|the same|our|my|your)\b"
+    r"|for example\b|in other words\b",
+    re.IGNORECASE,
+)
 # A capitalised function word inside a sentence: a heading ran into the text ("... Pyruvate In order").
 _MERGED_HEADING = re.compile(r"[a-z,] (?:The|In|A|An|If|When|This|These|For|To|As|It|We|Of|On|By) ")
 
@@ -280,7 +284,8 @@ def clauses(text: str, max_words: int = 28) -> list[Clause]:
         if not 6 <= len(words) <= max_words or s.endswith("?") or ":" in s:
             continue
         alpha = sum(1 for w in words if re.fullmatch(r"[A-Za-z][A-Za-z'’,-]*", w))
-        if alpha < 0.85 * len(words) or re.search(r"[=<>{}\[\]|\\/_*#@$%^~`]", s) or _MERGED_HEADING.search(s):
+        markup = re.search(r"[=<>{}\[\]|\\/_*#@$%^~`]", s)
+        if alpha < 0.85 * len(words) or markup or _MERGED_HEADING.search(s):
             continue  # formulas, code, markup leftovers and run-in headings read badly in a question
         first = re.sub(r"\W+$", "", words[0].lower())
         if first in _DEPENDENT_START or "'" in first or "’" in first or _LEANING.match(s):
@@ -297,7 +302,7 @@ def clauses(text: str, max_words: int = 28) -> list[Clause]:
             if w in _AUX:
                 subj_words = [lead] + words[1:i]
                 if (any(x.endswith(",") or x.lower() in _RELATIVE for x in subj_words)
-                        or len(words) - i - 1 < 3):
+                        or len(words) - i - 1 < 3 or low[i + 1] in _RELATIVE | {"not", "also", "just", "so"}):
                     break  # not a plain noun-phrase subject: only the whole-clause templates fit
                 subject, aux, predicate = " ".join(subj_words), w, " ".join(words[i + 1 :])
                 break

@@ -77,7 +77,8 @@ def build_contexts(kb: pd.DataFrame, clusters: pd.DataFrame, expert: str, contex
         raise ValueError(f"{clusters_path}: {len(unknown)} id(s) not in {kb_path}, e.g. {unknown.iloc[0]!r}; "
                          "was the cluster stage run on another knowledge base?")
     texts = kb["text"].astype(str).to_numpy()
-    table = pd.DataFrame({"id": ids, "cluster": clusters["cluster"].astype(int), "row": order[ids].to_numpy()})
+    table = pd.DataFrame({"id": ids, "cluster": clusters["cluster"].astype(int),
+                          "row": order[ids].to_numpy()})
     contexts: list[Context] = []
     for cluster, group in table.sort_values(["cluster", "row"]).groupby("cluster", sort=True):
         chunks = [(cid, texts[row].split()) for cid, row in zip(group["id"], group["row"])]
@@ -157,7 +158,8 @@ def synthesize(config: dict[str, Any], expert: str) -> dict[str, Any]:
     kb_path, clusters_path = layout.kb(expert), layout.clusters(expert)
     kb = _read(kb_path, ["id", "text"], "ingest")
     clusters = _read(clusters_path, ["id", "cluster"], "cluster")
-    contexts = build_contexts(kb, clusters, expert, int(section["context_tokens"]), str(kb_path), str(clusters_path))
+    contexts = build_contexts(kb, clusters, expert, int(section["context_tokens"]),
+                              str(kb_path), str(clusters_path))
     if not contexts:
         raise ValueError(f"{clusters_path}: no chunk with text for expert {expert!r}; nothing to ask about")
     log.info("%s: %d contexts from %d chunks in %d clusters", expert, len(contexts),
@@ -182,7 +184,8 @@ def synthesize(config: dict[str, Any], expert: str) -> dict[str, Any]:
                 skipped_questions["duplicate"] += 1
             else:
                 seen.add(key)
-                rows.append((q.strip(), expert, context.cluster, context.context_id, writer.name, writer.model))
+                rows.append((q.strip(), expert, context.cluster, context.context_id,
+                             writer.name, writer.model))
     failed = [o for o in outcomes if o.failure is not None]
     skipped_contexts = Counter(o.failure for o in failed)
     report = {
@@ -202,7 +205,8 @@ def synthesize(config: dict[str, Any], expert: str) -> dict[str, Any]:
                      for o in failed[:_FAILURES_LISTED]],
         "requests": sum(o.calls for o in outcomes),
         "bad_replies": sum(o.bad_replies for o in outcomes),
-        "cache": {"hits": sum(o.cache_hits for o in outcomes), "misses": sum(o.cache_misses for o in outcomes)},
+        "cache": {"hits": sum(o.cache_hits for o in outcomes),
+                  "misses": sum(o.cache_misses for o in outcomes)},
         "tokens": {"prompt": sum(o.prompt_tokens for o in outcomes),
                    "completion": sum(o.completion_tokens for o in outcomes),
                    "cached_prompt": sum(o.cached_prompt_tokens for o in outcomes),
@@ -224,6 +228,6 @@ def synthesize(config: dict[str, Any], expert: str) -> dict[str, Any]:
     frame = pd.DataFrame(rows, columns=QUERY_COLUMNS).astype({"cluster": "int64"})
     write_parquet(layout.queries(expert), frame)
     write_json(layout.queries_report(expert), report)
-    log.info("%s: %d questions for %d contexts (%s backend, %s); skipped %s", expert, len(rows), len(contexts),
-             writer.name, writer.model, report["skipped"])
+    log.info("%s: %d questions for %d contexts (%s backend, %s); skipped %s", expert, len(rows),
+             len(contexts), writer.name, writer.model, report["skipped"])
     return report

@@ -131,8 +131,18 @@ class LoopSettings:
 
     @classmethod
     def from_section(cls, section: dict, seed: int) -> LoopSettings:
-        names = {f for f in cls.__dataclass_fields__ if f != "seed"}
-        return cls(seed=seed, **{k: v for k, v in section.items() if k in names})
+        """The loop's keys of a config section (others, e.g. ``model``, ``head``, are ignored), typed."""
+        defaults = cls()
+        values = {}
+        for name in cls.__dataclass_fields__:
+            if name == "seed" or name not in section:
+                continue
+            kind = type(getattr(defaults, name))
+            try:
+                values[name] = kind(section[name])
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: expected a {kind.__name__}, got {section[name]!r}") from None
+        return cls(seed=int(seed), **values)
 
 
 def seed_everything(seed: int) -> None:
