@@ -6,7 +6,11 @@ def tune_inputs(wildcards):
     inputs = list(rules.dataset.output)
     if wildcards.study != "backbone":
         inputs += rules.train_backbone.output
-    before = {"submodels": [], "training": ["submodels"], "lambda": ["submodels", "training"]}
+    before = {
+        "submodels": [],
+        "training": ["submodels"],
+        "lambda": ["submodels", "training"],
+    }
     inputs += [str(L.tuned(s)) for s in before.get(wildcards.study, [])]
     return inputs
 
@@ -16,9 +20,9 @@ def tune_inputs(wildcards):
 rule tune_create:
     output:
         touch(str(L.tuning / "{study}" / "study.created")),
-    localrule: True
     log:
         str(L.logs / "tune" / "{study}.create.log"),
+    localrule: True
     shell:
         "moegate tune {wildcards.study} --config {CONFIG:q} --create 2> {log:q}"
 
@@ -46,10 +50,10 @@ rule tune_collect:
         expand(str(L.worker_done("{{study}}", "{worker}")), worker=WORKERS),
     output:
         str(L.tuned("{study}")),
-    wildcard_constraints:
-        study="backbone|submodels|training",
     log:
         str(L.logs / "tune" / "{study}.collect.log"),
+    wildcard_constraints:
+        study="backbone|submodels|training",
     shell:
         "moegate tune {wildcards.study} --config {CONFIG:q} --collect 2> {log:q}"
 

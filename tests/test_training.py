@@ -60,15 +60,19 @@ def settings(**kw) -> LoopSettings:
 
 def test_parameter_groups_exempt_bias_and_layernorm(tiny_bert_dir):
     model = make_model(tiny_bert_dir)
-    decay, no_decay = parameter_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    exempt = {names[id(p)] for p in no_decay["params"]}
-    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    groups = parameter_groups(model, 0.01, learning_rate=1e-4, head_learning_rate=1e-3)
+    by_setting = {(g["lr"], g["weight_decay"]): {names[id(p)] for p in g["params"]} for g in groups}
+    assert set(by_setting) == {(1e-4, 0.01), (1e-4, 0.0), (1e-3, 0.01), (1e-3, 0.0)}
+    decayed = by_setting[(1e-4, 0.01)] | by_setting[(1e-3, 0.01)]
+    exempt = by_setting[(1e-4, 0.0)] | by_setting[(1e-3, 0.0)]
     assert not any(n.endswith("bias") or "LayerNorm" in n for n in decayed)
     assert "encoder.embeddings.LayerNorm.weight" in exempt and "head.linear.bias" in exempt
-    assert "head.linear.weight" in decayed and "encoder.encoder.layer.0.attention.self.query.weight" in decayed
+    assert "encoder.encoder.layer.0.attention.self.query.weight" in by_setting[(1e-4, 0.01)]
+    assert by_setting[(1e-3, 0.01)] == {"head.linear.weight"} and by_setting[(1e-3, 0.0)] == {"head.linear.bias"}
     assert len(decayed) + len(exempt) == len(list(model.parameters()))
+    # without a head learning rate everything shares one rate
+    assert {g["lr"] for g in parameter_groups(model, 0.01, learning_rate=1e-4)} == {1e-4}
 
 
 def test_linear_warmup_then_decay():

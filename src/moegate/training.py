@@ -127,6 +127,7 @@ class LoopSettings:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     patience: int = 2          # epochs without a lower validation loss before stopping
+    head_learning_rate: float | None = None  # parameters outside ``model.encoder`` (None = learning_rate)
     seed: int = 0
 
     @classmethod
@@ -137,7 +138,9 @@ class LoopSettings:
         for name in cls.__dataclass_fields__:
             if name == "seed" or name not in section:
                 continue
-            kind = type(getattr(defaults, name))
+            kind = float if name == "head_learning_rate" else type(getattr(defaults, name))
+            if section[name] is None and name == "head_learning_rate":
+                continue
             try:
                 values[name] = kind(section[name])
             except (TypeError, ValueError):
@@ -151,22 +154,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices only, none on biases and normalisation weights."""
-    decay, no_decay = [], []
+def parameter_groups(model: torch.nn.Module, weight_decay: float, learning_rate: float,
+                     head_learning_rate: float | None = None) -> list[dict]:
+    """AdamW groups: decay on weight matrices only, none on biases and normalisation weights.
+
+    Parameters under ``model.encoder`` (the pretrained backbone) train at ``learning_rate``; the rest
+    (heads trained from scratch) at ``head_learning_rate`` when given. Empty groups are left out.
+    """
     norm_types = (torch.nn.LayerNorm, torch.nn.BatchNorm1d, torch.nn.GroupNorm)
     no_decay_ids = set()
     for module in model.modules():
         if isinstance(module, norm_types) or "layernorm" in type(module).__name__.lower():
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    head_lr = learning_rate if head_learning_rate is None else head_learning_rate
+    groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("bias") or id(p) in no_decay_ids or p.ndim < 2:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = 0.0 if name.endswith("bias") or id(p) in no_decay_ids or p.ndim < 2 else weight_decay
+        lr = learning_rate if name.startswith("encoder.") else head_lr
+        groups.setdefault((lr, decay), []).append(p)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -290,7 +298,8 @@ def train(model: torch.nn.Module, train_data: TokenSplit, step: StepFn, validate
     there and may raise ``optuna.TrialPruned``). Returns the curves and the best epoch's metrics.
     """
     seed_everything(settings.seed)
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.learning_rate)
+    groups = parameter_groups(model, settings.weight_decay, settings.learning_rate, settings.head_learning_rate)
+    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
     drop_single = True  # a lone trailing row breaks BatchNorm heads and adds nothing
     steps_per_epoch = train_data.num_batches(settings.batch_size, drop_single)
     total = steps_per_epoch * settings.epochs

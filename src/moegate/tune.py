@@ -188,8 +188,10 @@ def with_params(config: dict, params: dict[str, Any]) -> dict:
 
 
 def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)  # multi-objective too
+    if kind == "tpe":  # multi-objective too; the constant liar keeps parallel workers off each other's points
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)

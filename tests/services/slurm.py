@@ -363,6 +363,37 @@ StorageLoc=slurm_acct_db
             _terminate(self.procs[name].pid, grace, wait=self.procs[name].wait)
         self.procs.clear()
         self._record_pids()
+        kill_job_leftovers(self.conf)
+
+
+def job_processes(conf: Path) -> list[int]:
+    """PIDs of processes inside a job of the cluster configured by ``conf``.
+
+    proctrack/linuxproc follows parent PIDs only, so a job's process that lost its parent (a Snakemake
+    job step after scancel) can outlive the job. Every job process inherits the submitter's
+    SLURM_CONF, and Slurm adds SLURM_JOB_ID: the pair names this cluster's jobs and nothing else.
+    """
+    wanted = f"SLURM_CONF={conf}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if wanted in env and any(v.startswith(b"SLURM_JOB_ID=") for v in env):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_job_leftovers(conf: Path) -> None:
+    for pid in job_processes(conf):
+        log.warning("killing pid %d, left over from a job of the test cluster", pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _terminate(pid: int, grace: float, wait=None) -> None:
@@ -416,6 +447,7 @@ def _main(argv: list[str]) -> int:
     time.sleep(2)
     for name in reversed(list(pids)):
         _terminate(int(pids[name]), 15.0)
+    kill_job_leftovers(root / "etc" / "slurm.conf")
     pids_file.write_text("{}\n")
     return 0
 
