@@ -194,3 +194,13 @@ def test_nonfinite_loss_is_a_clear_error(tiny_run, tiny_bert_dir):
     with pytest.raises(FloatingPointError, match="epoch 1: training loss is nan"):
         train(make_model(tiny_bert_dir), data["train"], lambda m, b: torch.tensor(float("nan")),
               validator(data["val"]), settings(epochs=1), torch.device("cpu"))
+
+
+def test_loop_settings_from_a_config_section():
+    s = LoopSettings.from_section({"model": "ignored", "head": {}, "learning_rate": 1, "epochs": 3.0,
+                                   "head_learning_rate": None, "patience": 1}, seed=7)
+    assert (s.learning_rate, s.epochs, s.head_learning_rate, s.patience, s.seed) == (1.0, 3, None, 1, 7)
+    assert isinstance(s.learning_rate, float) and isinstance(s.epochs, int)
+    assert LoopSettings.from_section({"head_learning_rate": 0.003}, seed=0).head_learning_rate == 0.003
+    with pytest.raises(ValueError, match="batch_size: expected int, got 'many'"):
+        LoopSettings.from_section({"batch_size": "many"}, seed=0)

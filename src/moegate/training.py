@@ -144,7 +144,7 @@ class LoopSettings:
             try:
                 values[name] = kind(section[name])
             except (TypeError, ValueError):
-                raise ValueError(f"{name}: expected a {kind.__name__}, got {section[name]!r}") from None
+                raise ValueError(f"{name}: expected {kind.__name__}, got {section[name]!r}") from None
         return cls(seed=int(seed), **values)
 
 
