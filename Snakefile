@@ -13,6 +13,22 @@ validate(config, schema="workflow/schemas/config.schema.yaml")
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    expert="|".join(EXPERTS),
+    study="|".join(STUDIES),
+    worker=r"\d+",
+
+
+# synthesize may call a hosted LLM API that compute nodes cannot reach; the rest are seconds of work
+localrules:
+    all,
+    synthesize,
+    tune_collect,
+    tune_lambda_collect,
+
+
 include: "rules/ingest.smk"
 include: "rules/cluster.smk"
 include: "rules/synthesize.smk"

@@ -11,9 +11,13 @@ rule cluster:
         ),
     log:
         str(L.logs / "cluster" / "{expert}.log"),
+    conda:
+        "../envs/moegate.yaml"
     resources:
         cpus_per_task=2,
         mem_mb=per_attempt(8000),
         runtime=per_attempt(30),
+    params:
+        config=CONFIG,
     shell:
-        "moegate cluster --config {CONFIG:q} --expert {wildcards.expert} 2> {log:q}"
+        "moegate cluster --config {params.config:q} --expert {wildcards.expert} 2> {log:q}"

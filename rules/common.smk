@@ -2,7 +2,9 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # run from a checkout without installing
+sys.path.insert(
+    0, str(Path(workflow.basedir) / "src")
+)  # run from a checkout without installing
 
 from moegate.config import dump as dump_config
 from moegate.config import validate as validate_config
@@ -19,12 +21,6 @@ if workflow.remote_exec and L.resolved_config.is_file():
     config.update(yaml.safe_load(L.resolved_config.read_text()))
 EXPERTS = list(config["experts"])
 WORKERS = list(range(config["tuning"]["workers"]))
-
-
-wildcard_constraints:
-    expert="|".join(EXPERTS),
-    study="|".join(STUDIES),
-    worker=r"\d+",
 
 
 def resolved_config():
@@ -49,6 +45,30 @@ def expert_source(wildcards):
     return config["experts"][wildcards.expert]["source"]
 
 
+def ingest_inputs(wildcards):
+    """The expert's vector export, or every document its folder holds (so an edited page reruns ingest)."""
+    from moegate.ingest import find_documents
+
+    source = Path(expert_source(wildcards))
+    if source.is_dir():
+        documents, _ = find_documents(source, config["ingest"]["exclude"])
+        return [str(path) for path in documents] or [str(source)]
+    return [str(source)]
+
+
+def tune_inputs(wildcards):
+    inputs = list(rules.dataset.output)
+    if wildcards.study != "backbone":
+        inputs += rules.train_backbone.output
+    before = {
+        "submodels": [],
+        "training": ["submodels"],
+        "lambda": ["submodels", "training"],
+    }
+    inputs += [str(L.tuned(s)) for s in before.get(wildcards.study, [])]
+    return inputs
+
+
 def all_queries(wildcards):
     if config["dataset"]["labelled_csv"]:
         return [config["dataset"]["labelled_csv"]]
@@ -57,7 +77,9 @@ def all_queries(wildcards):
 
 def final_outputs():
     outs = []
-    if not config["dataset"]["labelled_csv"]:  # a user's own labelled questions skip the KB stages
+    if not config["dataset"][
+        "labelled_csv"
+    ]:  # a user's own labelled questions skip the KB stages
         for e in EXPERTS:
             outs += [str(L.cluster_summary(e)), str(L.cluster_plot(e))]
     outs += [str(L.router / "model.safetensors"), str(L.router / "metrics.json")]
@@ -67,11 +89,6 @@ def final_outputs():
 
 # -- Slurm (slurm_profile/): what stays on the login node, and what a retried job asks for --------
 # synthesize may call a hosted LLM API that compute nodes cannot reach; the others are seconds of work.
-localrules:
-    all,
-    synthesize,
-    tune_collect,
-    tune_lambda_collect,
 
 
 def per_attempt(base):

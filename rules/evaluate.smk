@@ -19,10 +19,14 @@ rule evaluate:
         ),
     log:
         str(L.logs / "evaluate.log"),
+    conda:
+        "../envs/moegate.yaml"
     threads: 4  # torch's intra-op threads (OMP_NUM_THREADS); capped by --cores locally
     resources:
         cpus_per_task=4,
         mem_mb=per_attempt(16000),
         runtime=per_attempt(30),
+    params:
+        config=CONFIG,
     shell:
-        "moegate evaluate --config {CONFIG:q} 2> {log:q}"
+        "moegate evaluate --config {params.config:q} 2> {log:q}"

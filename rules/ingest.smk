@@ -1,14 +1,3 @@
-def ingest_inputs(wildcards):
-    """The expert's vector export, or every document its folder holds (so an edited page reruns ingest)."""
-    from moegate.ingest import find_documents
-
-    source = Path(expert_source(wildcards))
-    if source.is_dir():
-        documents, _ = find_documents(source, config["ingest"]["exclude"])
-        return [str(path) for path in documents] or [str(source)]
-    return [str(source)]
-
-
 rule ingest:
     input:
         ingest_inputs,
@@ -19,9 +8,13 @@ rule ingest:
         str(L.logs / "ingest" / "{expert}.log"),
     benchmark:
         str(L.logs / "ingest" / "{expert}.benchmark.tsv")
+    conda:
+        "../envs/moegate.yaml"
     resources:
         cpus_per_task=2,
         mem_mb=per_attempt(8000),
         runtime=per_attempt(60),
+    params:
+        config=CONFIG,
     shell:
-        "moegate ingest --config {CONFIG:q} --expert {wildcards.expert} 2> {log:q}"
+        "moegate ingest --config {params.config:q} --expert {wildcards.expert} 2> {log:q}"

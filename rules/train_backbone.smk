@@ -9,10 +9,14 @@ rule train_backbone:
         str(L.logs / "train_backbone.log"),
     benchmark:
         str(L.logs / "train_backbone.benchmark.tsv")
+    conda:
+        "../envs/moegate.yaml"
     threads: 4  # torch's intra-op threads (OMP_NUM_THREADS); capped by --cores locally
     resources:
         cpus_per_task=4,
         mem_mb=per_attempt(16000),
         runtime=per_attempt(120),
+    params:
+        config=CONFIG,
     shell:
-        "moegate train-backbone --config {CONFIG:q} 2> {log:q}"
+        "moegate train-backbone --config {params.config:q} 2> {log:q}"

@@ -2,19 +2,6 @@
 # writes the chosen values to tuning/{study}.json, where the next stage reads them.
 
 
-def tune_inputs(wildcards):
-    inputs = list(rules.dataset.output)
-    if wildcards.study != "backbone":
-        inputs += rules.train_backbone.output
-    before = {
-        "submodels": [],
-        "training": ["submodels"],
-        "lambda": ["submodels", "training"],
-    }
-    inputs += [str(L.tuned(s)) for s in before.get(wildcards.study, [])]
-    return inputs
-
-
 # The study is created once before its workers start: N workers creating Optuna's tables on an empty
 # PostgreSQL at the same moment crash (workers also retry that race, as a safety net).
 rule tune_create:
@@ -23,8 +10,12 @@ rule tune_create:
     log:
         str(L.logs / "tune" / "{study}.create.log"),
     localrule: True
+    conda:
+        "../envs/moegate.yaml"
+    params:
+        config=CONFIG,
     shell:
-        "moegate tune {wildcards.study} --config {CONFIG:q} --create 2> {log:q}"
+        "moegate tune {wildcards.study} --config {params.config:q} --create 2> {log:q}"
 
 
 rule tune_worker:
@@ -37,12 +28,16 @@ rule tune_worker:
         str(L.logs / "tune" / "{study}.worker{worker}.log"),
     benchmark:
         str(L.logs / "tune" / "{study}.worker{worker}.benchmark.tsv")
+    conda:
+        "../envs/moegate.yaml"
     resources:
         cpus_per_task=4,
         mem_mb=per_attempt(16000),
         runtime=per_attempt(240),
+    params:
+        config=CONFIG,
     shell:
-        "moegate tune {wildcards.study} --config {CONFIG:q} --worker {wildcards.worker} 2> {log:q}"
+        "moegate tune {wildcards.study} --config {params.config:q} --worker {wildcards.worker} 2> {log:q}"
 
 
 rule tune_collect:
@@ -54,8 +49,12 @@ rule tune_collect:
         str(L.logs / "tune" / "{study}.collect.log"),
     wildcard_constraints:
         study="backbone|submodels|training",
+    conda:
+        "../envs/moegate.yaml"
+    params:
+        config=CONFIG,
     shell:
-        "moegate tune {wildcards.study} --config {CONFIG:q} --collect 2> {log:q}"
+        "moegate tune {wildcards.study} --config {params.config:q} --collect 2> {log:q}"
 
 
 rule tune_lambda_collect:
@@ -71,5 +70,9 @@ rule tune_lambda_collect:
         ),
     log:
         str(L.logs / "tune" / "lambda.collect.log"),
+    conda:
+        "../envs/moegate.yaml"
+    params:
+        config=CONFIG,
     shell:
-        "moegate tune lambda --config {CONFIG:q} --collect 2> {log:q}"
+        "moegate tune lambda --config {params.config:q} --collect 2> {log:q}"
