@@ -112,6 +112,8 @@ def test_head_config_takes_the_config_section():
     assert HeadConfig(**section).to_dict() == section
     with pytest.raises(ValueError, match="router.head.activation"):
         HeadConfig(activation="swish")
+    with pytest.raises(ValueError, match="router.head.pooling"):
+        HeadConfig(pooling="max")
     with pytest.raises(ValueError, match="router.head.depth"):
         HeadConfig(depth=-1)
 
@@ -240,6 +242,7 @@ def test_exit_rule_by_hand():
 def cases(draw):
     return {
         "arch": draw(st.sampled_from(["bert", "distilbert"])),
+        "pooling": draw(st.sampled_from(["cls", "mean"])),
         "layers": draw(st.sampled_from([1, 2, 3, 4, 6])),
         "experts": draw(st.integers(2, 5)),
         "seed": draw(st.integers(0, 2**31 - 1)),
@@ -255,6 +258,7 @@ def seeded_case(seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {
         "arch": str(rng.choice(["bert", "distilbert"])),
+        "pooling": str(rng.choice(["cls", "mean"])),
         "layers": int(rng.choice([2, 3, 4, 6])),
         "experts": int(rng.integers(2, 6)),
         "seed": seed,
@@ -268,7 +272,7 @@ def seeded_case(seed: int) -> dict:
 def check_case(case: dict) -> dict:
     """Assert properties (1)-(4) for one random model and batch; return counts for coverage checks."""
     model = make_model(case["arch"], case["layers"], case["experts"], case["seed"], case["scale"],
-                       case["halting_bias"])
+                       case["halting_bias"], head=HeadConfig(projection_dim=16, width=16, pooling=case["pooling"]))
     gen = torch.Generator().manual_seed(case["seed"])
     ids, mask = batch(case["lengths"], gen)
     rows, n_layers = len(case["lengths"]), model.num_layers

@@ -44,6 +44,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+POOLINGS = ("cls", "mean")
 
 # Halting heads start with h_n = sigmoid(1.0) ≈ 0.73 for every input (zero output weights). Then
 # p_n = 0.73^n spreads a_N's weight over layers 2..N (≈ 0.04 / 0.12 / 0.18 / 0.22 / 0.23 / 0.21 on
@@ -77,8 +78,12 @@ class HeadConfig:
     dropout: float = 0.1  # on u_n and after every hidden layer (training only)
     batch_norm: bool = False  # BatchNorm1d after hidden layers; needs training batches of ≥ 2
     activation: str = "gelu"  # relu | gelu | tanh, for the projection and the hidden layers
+    pooling: str = "cls"  # what each unit reads: cls = c_n at position 0; mean = the masked token mean
+    # (sentence-transformers backbones such as MiniLM were trained for mean pooling)
 
     def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"router.head.pooling: expected one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"router.head.activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         for key in ("projection_dim", "width"):
@@ -243,6 +248,16 @@ class DactRouterModel(nn.Module):
         out = self._layers[n - 1](hidden, attention_mask=layer_mask)
         return out[0] if isinstance(out, tuple) else out
 
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) hidden states → (B, H): [CLS], or the mean over each row's own tokens.
+
+        Only a row's own tokens count, so a row's pooled state does not depend on its batch.
+        """
+        if self.head_config.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
     def _unit(self, n: int, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer n's DACT unit on [CLS] (B, H): (log y_n (B, K), log h_n (B,)) in float32."""
         u = self.projection(cls)
@@ -260,7 +275,7 @@ class DactRouterModel(nn.Module):
         log_ys, log_hs, log_as, log_ps = [], [], [], []
         for n in range(1, self.num_layers + 1):
             hidden = self._run_layer(n, hidden, layer_mask)
-            log_y, log_h = self._unit(n, hidden[:, 0])
+            log_y, log_h = self._unit(n, self._pool(hidden, attention_mask))
             state = dact_step(log_y, log_h, state)
             log_ys.append(log_y)
             log_hs.append(log_h)
@@ -316,7 +331,7 @@ class DactRouterModel(nn.Module):
             state = None
             for n in range(1, n_layers + 1):
                 hidden = self._run_layer(n, hidden, layer_mask)
-                state = dact_step(*self._unit(n, hidden[:, 0]), state)
+                state = dact_step(*self._unit(n, self._pool(hidden, attention_mask)), state)
                 halt = exit_condition(state[0], state[1], n_layers - n)
                 if not bool(halt.any()):
                     continue
