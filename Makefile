@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow test-slurm lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	tests/services/install.sh
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
+
+# the whole DAG on a real single-node Slurm, a scancel mid-trial and the resume (~8 min)
+test-slurm: $(STAMP)
+	tests/services/install.sh
+	$(PY) -m pytest -m "slurm and slow"; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
 
 test-slow: $(STAMP)
 	tests/services/install.sh
