@@ -196,6 +196,7 @@ def test_postgres_password_from_the_environment_never_logged(tmp_path, postgres,
 
 
 @pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_postgres_recovery_by_heartbeat(tmp_path, postgres, monkeypatch):
     monkeypatch.setenv("PGPASSWORD", postgres.password)  # libpq reads it itself
     config = _config(tmp_path, storage=postgres.database())
