@@ -225,6 +225,29 @@ def test_loss_is_nll_plus_lambda_ponder_and_gradients_reach_every_part(head):
         assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
+def test_layer_loss_adds_the_mean_nll_of_every_layers_classifier():
+    torch.manual_seed(0)
+    model = DactRouterModel(tiny_encoder("bert", 3), 3, HeadConfig(projection_dim=16, width=16)).train()
+    ids, mask = batch([5, 8, 3], torch.Generator().manual_seed(1))
+    labels = torch.tensor([2, 0, 1])
+    out = model(ids, mask)
+    plain, nll, ponder = model.loss(out, labels, 0.2)
+    total, nll2, ponder2 = model.loss(out, labels, 0.2, layer_loss_weight=0.7)
+    torch.testing.assert_close((nll2, ponder2), (nll, ponder))  # the reported terms stay DACT's
+    per_layer = torch.stack([-out.y[n, torch.arange(3), labels].log().mean() for n in range(out.y.shape[0])])
+    torch.testing.assert_close(total, plain + 0.7 * per_layer.mean())
+    # with h ≈ 1 everywhere a_N = y_N: layer 1's classifier then learns only from its own exit term
+    for g in model.halting:
+        torch.nn.init.zeros_(g.output.weight)
+        torch.nn.init.constant_(g.output.bias, 30.0)
+    grads = []
+    for weight in (0.0, 1.0):
+        model.zero_grad()
+        model.loss(model(ids, mask), labels, 0.0, layer_loss_weight=weight)[0].backward()
+        grads.append(model.classifiers[0].output.weight.grad.abs().sum().item())
+    assert grads[0] < 1e-8 < 1e-4 < grads[1]
+
+
 # -- the exit rule --------------------------------------------------------------------------------------
 def test_exit_rule_by_hand():
     log_a = torch.tensor([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [0.5, 0.5, 0.0]]).log()

@@ -184,7 +184,8 @@ def test_dataset_writes_splits_labels_tokens_and_report(tmp_path):
 
     assert json.loads(layout.labels.read_text()) == {"labels": EXPERTS}
     assert report["rows_in"] == 80 + 120 + 40 + 6
-    assert report["dropped"] == {"unknown_expert": 0, "empty": 1, "ambiguous": 3, "duplicate": 0}
+    assert report["dropped"] == {"unknown_expert": 0, "empty": 1, "ambiguous": 3, "duplicate": 0,
+                                "over_train_cap": 0}
     assert report["ambiguous_questions"] == 1
     assert report["rows_out"] == report["rows_in"] - 4
 
@@ -237,6 +238,23 @@ def test_dataset_is_deterministic_for_a_seed(tmp_path):
     assert set(first["test"]["context_id"]) != set(
         pd.read_parquet(Layout(results).split("test"))["context_id"]
     )
+
+
+def test_max_train_rows_per_expert_caps_train_only(tmp_path):
+    results = tmp_path / "results"
+    for e, n in zip(EXPERTS, (40, 12, 20)):
+        write_queries(results, e, contexts=n)
+    whole = dataset(make_config(tmp_path))
+    capped = dataset(make_config(tmp_path, max_train_rows_per_expert=30))
+    train = pd.read_parquet(Layout(results).split("train"))
+    counts = train["expert"].value_counts().to_dict()
+    full = whole["splits"]["train"]["per_expert"]
+    assert counts == {e: min(30, full[e]) for e in EXPERTS}
+    assert capped["dropped"]["over_train_cap"] == sum(max(0, full[e] - 30) for e in EXPERTS) > 0
+    for s in ("val", "test"):  # untouched
+        for key in ("rows", "per_expert", "context_groups"):
+            assert capped["splits"][s][key] == whole["splits"][s][key]
+    assert len(load_file(str(Layout(results).tokens("train")))["labels"]) == len(train)
 
 
 def test_dataset_with_another_backbone_tokenizer(tmp_path, tiny_distilbert_dir):
@@ -309,7 +327,8 @@ def test_labelled_csv_skips_bad_rows_and_makes_each_row_a_group(tmp_path):
     report = dataset(make_config(tmp_path, labelled_csv=str(csv)))
     assert report["source"] == "labelled_csv" and report["inputs"] == [str(csv)]
     assert report["rows_in"] == 35
-    assert report["dropped"] == {"unknown_expert": 1, "empty": 1, "ambiguous": 2, "duplicate": 1}
+    assert report["dropped"] == {"unknown_expert": 1, "empty": 1, "ambiguous": 2, "duplicate": 1,
+                                "over_train_cap": 0}
     assert report["rows_out"] == 30
     layout = Layout(tmp_path / "results")
     frames = pd.concat([pd.read_parquet(layout.split(s)) for s in SPLITS])

@@ -10,7 +10,9 @@ n = 1..N on the [CLS] hidden state c_n (position 0 after layer n):
     p_n = h_n · p_{n-1}
     a_n = y_n · p_{n-1} + a_{n-1} · (1 − p_{n-1})
 
-Training runs all N layers and minimises NLL(log a_N) + λ · mean_batch(Σ_n p_n). Inference halts
+Training runs all N layers and minimises NLL(log a_N) + λ · mean_batch(Σ_n p_n), optionally plus
+β · mean_n NLL(log y_n) (``layer_loss_weight``: every layer's own classifier trained for its exit, as
+in DeeBERT/PABEE; without it the early heads learn only through a_N and stay weak). Inference halts
 sample i after layer n (d = N − n layers left, c* the top class of a_n, c_ru the runner-up) when
 
     a_n[c*] · (1 − p_n)^d ≥ a_n[c_ru] + d · p_n
@@ -105,6 +107,7 @@ class DactOutput:
     log_a: torch.Tensor  # (B, K) log a_N: the training target's log-probabilities
     a: torch.Tensor  # (N, B, K) a_n: the accumulated answer after each layer (rows sum to 1)
     y: torch.Tensor  # (N, B, K) y_n: each layer's own classifier distribution
+    log_y: torch.Tensor  # (N, B, K) log y_n
     h: torch.Tensor  # (N, B) h_n: halting values
     p: torch.Tensor  # (N, B) p_n = Π h: probability mass still "running" after layer n
 
@@ -281,21 +284,30 @@ class DactRouterModel(nn.Module):
             log_hs.append(log_h)
             log_as.append(state[0])
             log_ps.append(state[1])
-        log_a = torch.stack(log_as)
+        log_a, log_y = torch.stack(log_as), torch.stack(log_ys)
         return DactOutput(
             log_a=log_a[-1],
             a=log_a.exp(),
-            y=torch.stack(log_ys).exp(),
+            y=log_y.exp(),
+            log_y=log_y,
             h=torch.stack(log_hs).exp(),
             p=torch.stack(log_ps).exp(),
         )
 
     @staticmethod
-    def loss(out: DactOutput, labels: torch.Tensor, lambda_: float):
-        """(total, nll, ponder): NLL(log a_N) and Σ_n p_n, each a mean over the batch's rows."""
+    def loss(out: DactOutput, labels: torch.Tensor, lambda_: float, layer_loss_weight: float = 0.0):
+        """(total, nll, ponder): NLL(log a_N) and Σ_n p_n, each a mean over the batch's rows.
+
+        total = nll + λ·ponder + β·mean_n NLL(log y_n) with β = ``layer_loss_weight`` (0 = plain DACT).
+        """
         nll = F.nll_loss(out.log_a, labels)
         ponder = out.p.sum(0).mean()
-        return nll + float(lambda_) * ponder, nll, ponder
+        total = nll + float(lambda_) * ponder
+        if layer_loss_weight:
+            n_layers, rows, k = out.log_y.shape
+            per_layer = F.nll_loss(out.log_y.reshape(-1, k), labels.repeat(n_layers))  # mean over (n, row)
+            total = total + float(layer_loss_weight) * per_layer
+        return total, nll, ponder
 
     # -- inference -------------------------------------------------------------------------------------
     @contextlib.contextmanager

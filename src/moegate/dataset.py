@@ -205,6 +205,25 @@ def split_fractions(config: dict) -> dict[str, float]:
     return {"train": 1.0 - val - test, "val": val, "test": test}
 
 
+def cap_train_rows(frame: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFrame:
+    """Keep at most ``cap`` training rows per expert (a seeded sample; val and test are untouched).
+
+    For CPU runs on big knowledge bases: fine-tuning time grows with the training rows, while the
+    validation and test splits stay whole so the scores remain comparable.
+    """
+    if cap is None:
+        return frame
+    keep = []
+    for expert, rows in frame.groupby("expert", sort=False):
+        train = rows[rows["split"] == "train"]
+        if len(train) > cap:
+            rng = np.random.default_rng([seed, zlib.crc32(str(expert).encode()), 1])
+            train = train.loc[np.sort(rng.choice(train.index.to_numpy(), size=cap, replace=False))]
+        keep.append(rows[rows["split"] != "train"].index)
+        keep.append(train.index)
+    return frame.loc[np.sort(np.concatenate([k.to_numpy() for k in keep]))]
+
+
 def grouped_split(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
     """The split name of every row: stratified by ``expert``, grouped by ``context_id``.
 
@@ -302,6 +321,9 @@ def dataset(config: dict) -> dict:
     frame["label"] = frame["expert"].map(label_of).astype("int64")
     fractions = split_fractions(config)
     frame["split"] = grouped_split(frame, fractions, int(config["seed"]))
+    before = len(frame)
+    frame = cap_train_rows(frame, ds["max_train_rows_per_expert"], int(config["seed"]))
+    dropped["over_train_cap"] = before - len(frame)
 
     groups_per_expert = frame.groupby("expert")["context_id"].nunique().reindex(experts, fill_value=0)
     few = {e: int(n) for e, n in groups_per_expert.items() if n < MIN_GROUPS_FOR_ALL_SPLITS}

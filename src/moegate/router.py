@@ -234,7 +234,9 @@ class Router:
         order = torch.argsort(attention_mask.sum(1), stable=True)
         run = self.model.early_exit if early_exit else self.model.full_depth
         starts = range(0, n, int(batch_size))
-        for start in tqdm(starts, desc="routing", unit="batch", disable=None, leave=False):
+        if len(starts) > 1:  # a bar costs ~0.1 ms: not for the one-batch calls a RAG app makes
+            starts = tqdm(starts, desc="routing", unit="batch", disable=None, leave=False)
+        for start in starts:
             idx = order[start : start + int(batch_size)]
             p, e = run(input_ids[idx].to(self.device), attention_mask[idx].to(self.device))
             probs[idx.numpy()] = p.float().cpu().numpy()

@@ -6,8 +6,9 @@ Out: ``router/`` through :func:`moegate.router.save_router`: config.json (backbo
 head config, λ, exit rule, max length, training metadata, tuned values and study names),
 model.safetensors, the tokenizer, README.md and ``training.json`` (per-epoch curves).
 
-Loss = NLL(log a_N) + λ · mean Σ_n p_n (:meth:`DactRouterModel.loss`); early stopping watches the
-validation value of that same loss. Every epoch also records validation accuracy with the real
+Loss = NLL(log a_N) + λ · mean Σ_n p_n + β · mean_n NLL(log y_n) (:meth:`DactRouterModel.loss`,
+β = ``router.layer_loss_weight``); early stopping watches the validation value of the DACT part,
+NLL(log a_N) + λ · ponder, which is what the router is. Every epoch also records validation accuracy with the real
 per-sample early exit, at full depth, and the mean number of layers the early exit ran.
 """
 
@@ -100,6 +101,7 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
     layout = Layout.from_config(config)
     section = config["router"]
     lambda_ = float(section["lambda_"])
+    layer_weight = float(section["layer_loss_weight"])
     labels = read_labels(layout)
     backbone_labels = read_json(layout.backbone / "labels.json")["labels"]
     if backbone_labels != labels:
@@ -117,7 +119,8 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
     model = DactRouterModel(encoder, len(labels), head).to(device)
 
     def step(m: DactRouterModel, batch: dict) -> torch.Tensor:
-        total, _, _ = m.loss(m(batch["input_ids"], batch["attention_mask"]), batch["labels"], lambda_)
+        out = m(batch["input_ids"], batch["attention_mask"])
+        total, _, _ = m.loss(out, batch["labels"], lambda_, layer_loss_weight=layer_weight)
         return total
 
     def validate(m: DactRouterModel) -> dict:
