@@ -16,12 +16,11 @@ from typer.testing import CliRunner
 
 from moegate.cli import app
 from moegate.config import load
+from moegate.documents import clean_html, clean_markdown
 from moegate.encoder import embed, resolve_model
 from moegate.ingest import (
     IngestError,
     chunk_document,
-    clean_html,
-    clean_markdown,
     embed_cached,
     ingest,
     token_windows,

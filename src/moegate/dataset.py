@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moegate.io import atomic_path, write_json, write_parquet
+from moegate.io import atomic_path, read_table, write_json, write_parquet
 from moegate.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,10 @@ def read_queries(config: dict, layout: Layout) -> pd.DataFrame:
     frames = []
     for expert in config["experts"]:
         path = layout.queries(expert)
-        if not path.exists():
-            raise DatasetError(f"{path}: missing (did `moegate synthesize --expert {expert}` run?)")
         try:
-            frame = pd.read_parquet(path)
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"{path}: not a readable Parquet file: {e}") from None
-        missing = [c for c in QUERY_COLUMNS if c not in frame.columns]
-        if missing:
-            raise DatasetError(f"{path}: missing column(s) {missing}; expected {list(QUERY_COLUMNS)}")
+            frame = read_table(path, QUERY_COLUMNS, f"did `moegate synthesize --expert {expert}` run?")
+        except (FileNotFoundError, ValueError) as e:
+            raise DatasetError(str(e)) from None
         others = sorted(set(frame["expert"].astype(str)) - {expert})
         if others:
             raise DatasetError(f"{path}: expert column holds {others}, expected only {expert!r}")

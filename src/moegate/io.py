@@ -86,6 +86,27 @@ def save_figure(path: str | os.PathLike, fig) -> None:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
 
 
+def read_table(path: str | os.PathLike, columns, missing_hint: str):
+    """A stage's Parquet input as a DataFrame that has at least ``columns``.
+
+    Errors name the file: FileNotFoundError "PATH: missing (MISSING_HINT)", ValueError for a file
+    that is not Parquet or lacks a column.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing ({missing_hint})")
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file: {e}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected at least {list(columns)}")
+    return frame
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:

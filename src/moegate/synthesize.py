@@ -19,13 +19,12 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
 
-from moegate.io import write_json, write_parquet
+from moegate.io import read_table, write_json, write_parquet
 from moegate.layout import Layout
 from moegate.llm import Outcome
 
@@ -45,19 +44,6 @@ class Context:
     text: str
     chunk_ids: tuple[str, ...]
     tokens: int
-
-
-def _read(path: Path, columns: list[str], stage: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (run the {stage} stage first)")
-    try:
-        frame = pd.read_parquet(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable Parquet file: {e}") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected at least {columns}")
-    return frame
 
 
 def build_contexts(kb: pd.DataFrame, clusters: pd.DataFrame, expert: str, context_tokens: int,
@@ -156,8 +142,8 @@ def synthesize(config: dict[str, Any], expert: str) -> dict[str, Any]:
     n = int(section["questions_per_context"])
     layout = Layout.from_config(config)
     kb_path, clusters_path = layout.kb(expert), layout.clusters(expert)
-    kb = _read(kb_path, ["id", "text"], "ingest")
-    clusters = _read(clusters_path, ["id", "cluster"], "cluster")
+    kb = read_table(kb_path, ["id", "text"], "run the ingest stage first")
+    clusters = read_table(clusters_path, ["id", "cluster"], "run the cluster stage first")
     contexts = build_contexts(kb, clusters, expert, int(section["context_tokens"]),
                               str(kb_path), str(clusters_path))
     if not contexts:
