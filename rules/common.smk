@@ -1,4 +1,4 @@
-# Helpers shared by the rule files: the results layout, the expert list and the resolved config.
+# Helpers shared by all rule files (the results layout, the expert list, the resolved config).
 import sys
 from pathlib import Path
 
