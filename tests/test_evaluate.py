@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from moegate.evaluate import classification_metrics, evaluate, exit_statistics
 from moegate.layout import Layout
@@ -52,6 +53,16 @@ def test_evaluate_counts_every_test_row_and_agrees_with_full_depth(tiny_run):
     assert 1.0 <= early["mean_layers"] <= 3.0
     assert written["agreement_early_exit_vs_full_depth"] == 1.0 and written["disagreements"] == 0
     assert early["accuracy"] == written["router_full_depth"]["accuracy"]
+    # each layer's own classifier, counted over every row (one big batch here vs 64-row batches there)
+    from moegate.router import Router
+    from moegate.training import load_tokens
+
+    test = load_tokens(layout.tokens("test"))
+    model = Router.from_pretrained(layout.router, device="cpu").model
+    with torch.no_grad():
+        y = model(test.input_ids, test.attention_mask).y
+    expected = (y.argmax(-1) == test.labels).float().mean(1).tolist()
+    assert early["layer_classifier_accuracy"] == pytest.approx(expected, abs=1e-6)
     for plot in ("exit_layers.png", "confusion.png"):
         assert (layout.evaluation / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

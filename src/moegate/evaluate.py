@@ -22,7 +22,7 @@ from moegate.encoder import device as pick_device
 from moegate.io import save_figure, write_json
 from moegate.layout import Layout
 from moegate.train_backbone import BackboneClassifier, classify, load_backbone_classifier, read_labels
-from moegate.training import load_tokens
+from moegate.training import load_tokens, to_device
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,19 @@ def plot_confusions(path, labels: list[str], systems: dict[str, dict]) -> None:
     plt.close(fig)
 
 
+def layer_accuracies(model, split, batch_size: int, device: torch.device) -> list[float]:
+    """Accuracy of each layer's own classifier y_n on ``split``: what halting at layer n for every
+    question would score. Shows how early the gate can answer; the exit rule decides per question."""
+    correct = torch.zeros(model.num_layers, dtype=torch.long)
+    model.eval()
+    with torch.no_grad():
+        for batch in split.batches(batch_size):
+            batch = to_device(batch, device)
+            out = model(batch["input_ids"], batch["attention_mask"])
+            correct += (out.y.argmax(-1) == batch["labels"]).sum(1).cpu()
+    return [round(c / max(1, len(split)), 6) for c in correct.tolist()]
+
+
 def evaluate(config: dict) -> dict:
     """Score (a) early exit, (b) full depth and (c) the backbone on every test row; write the outputs."""
     from moegate.router import Router
@@ -158,6 +171,7 @@ def evaluate(config: dict) -> dict:
     if disagreements:  # the exit rule guarantees the full-depth answer: a mismatch is a bug to look at
         log.error("evaluate: early exit and full depth disagree on %d of %d test rows", disagreements, len(truth))
     exits = exit_statistics(labels, truth, exit_layer, n_layers)
+    exits["layer_classifier_accuracy"] = layer_accuracies(router.model, test, EVAL_BATCH_SIZE, router.device)
     metrics = {
         "labels": labels,
         "test_rows": len(truth),
