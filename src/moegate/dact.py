@@ -304,7 +304,7 @@ class DactRouterModel(nn.Module):
         ponder = out.p.sum(0).mean()
         total = nll + float(lambda_) * ponder
         if layer_loss_weight:
-            n_layers, rows, k = out.log_y.shape
+            n_layers, _, k = out.log_y.shape
             per_layer = F.nll_loss(out.log_y.reshape(-1, k), labels.repeat(n_layers))  # mean over (n, row)
             total = total + float(layer_loss_weight) * per_layer
         return total, nll, ponder

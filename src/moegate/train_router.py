@@ -8,8 +8,9 @@ model.safetensors, the tokenizer, README.md and ``training.json`` (per-epoch cur
 
 Loss = NLL(log a_N) + λ · mean Σ_n p_n + β · mean_n NLL(log y_n) (:meth:`DactRouterModel.loss`,
 β = ``router.layer_loss_weight``); early stopping watches the validation value of the DACT part,
-NLL(log a_N) + λ · ponder, which is what the router is. Every epoch also records validation accuracy with the real
-per-sample early exit, at full depth, and the mean number of layers the early exit ran.
+NLL(log a_N) + λ · ponder, which is what the router is. Every epoch also records validation
+accuracy with the real per-sample early exit, at full depth, and the mean number of layers the
+early exit ran.
 """
 
 from __future__ import annotations
