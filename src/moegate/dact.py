@@ -12,7 +12,7 @@ n = 1..N on the [CLS] hidden state c_n (position 0 after layer n):
 
 Training runs all N layers and minimises NLL(log a_N) + λ · mean_batch(Σ_n p_n), optionally plus
 β · mean_n NLL(log y_n) (``layer_loss_weight``: every layer's own classifier trained for its exit, as
-in DeeBERT/PABEE; without it the early heads learn only through a_N and stay weak). Inference halts
+in DeeBERT/PABEE; without it the early heads learn only through a_N). Inference halts
 sample i after layer n (d = N − n layers left, c* the top class of a_n, c_ru the runner-up) when
 
     a_n[c*] · (1 − p_n)^d ≥ a_n[c_ru] + d · p_n
