@@ -25,6 +25,7 @@ wildcard_constraints:
 localrules:
     all,
     synthesize,
+    tune_create,
     tune_collect,
     tune_lambda_collect,
 

@@ -2,9 +2,8 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(
-    0, str(Path(workflow.basedir) / "src")
-)  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from moegate.config import dump as dump_config
 from moegate.config import validate as validate_config
@@ -77,9 +76,8 @@ def all_queries(wildcards):
 
 def final_outputs():
     outs = []
-    if not config["dataset"][
-        "labelled_csv"
-    ]:  # a user's own labelled questions skip the KB stages
+    # a user's own labelled questions skip the KB stages
+    if not config["dataset"]["labelled_csv"]:
         for e in EXPERTS:
             outs += [str(L.cluster_summary(e)), str(L.cluster_plot(e))]
     outs += [str(L.router / "model.safetensors"), str(L.router / "metrics.json")]
@@ -87,8 +85,7 @@ def final_outputs():
     return outs
 
 
-# -- Slurm (slurm_profile/): what stays on the login node, and what a retried job asks for --------
-# synthesize may call a hosted LLM API that compute nodes cannot reach; the others are seconds of work.
+# -- Slurm (slurm_profile/): what a retried job asks for ------------------------------------------
 
 
 def per_attempt(base):

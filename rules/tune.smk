@@ -9,7 +9,6 @@ rule tune_create:
         touch(str(L.tuning / "{study}" / "study.created")),
     log:
         str(L.logs / "tune" / "{study}.create.log"),
-    localrule: True
     conda:
         "../envs/moegate.yaml"
     params:

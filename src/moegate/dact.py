@@ -1,7 +1,8 @@
 """The DACT router model: a Hugging Face encoder run layer by layer with a DACT unit after every layer.
 
 Everything the forward pass needs is in this file (the transformers habit). The math, for layers
-n = 1..N on the [CLS] hidden state c_n (position 0 after layer n):
+n = 1..N on c_n, layer n's [CLS] state (position 0), or with ``HeadConfig.pooling = "mean"`` the
+mean of the row's token states after layer n:
 
     u_n = dropout(act(W c_n))             W: one projection shared by all layers
     y_n = softmax(f_n(u_n))               f_n: layer n's classifier head, K experts
@@ -106,10 +107,14 @@ class DactOutput:
 
     log_a: torch.Tensor  # (B, K) log a_N: the training target's log-probabilities
     a: torch.Tensor  # (N, B, K) a_n: the accumulated answer after each layer (rows sum to 1)
-    y: torch.Tensor  # (N, B, K) y_n: each layer's own classifier distribution
-    log_y: torch.Tensor  # (N, B, K) log y_n
+    log_y: torch.Tensor  # (N, B, K) log y_n: each layer's own classifier, log-probabilities
     h: torch.Tensor  # (N, B) h_n: halting values
     p: torch.Tensor  # (N, B) p_n = Π h: probability mass still "running" after layer n
+
+    @property
+    def y(self) -> torch.Tensor:
+        """(N, B, K) y_n: each layer's own classifier distribution."""
+        return self.log_y.exp()
 
 
 class _Head(nn.Sequential):
@@ -261,9 +266,9 @@ class DactRouterModel(nn.Module):
         mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def _unit(self, n: int, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer n's DACT unit on [CLS] (B, H): (log y_n (B, K), log h_n (B,)) in float32."""
-        u = self.projection(cls)
+    def _unit(self, n: int, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer n's DACT unit on c_n (B, H) from :meth:`_pool`: (log y_n (B, K), log h_n (B,)) in float32."""
+        u = self.projection(pooled)
         logits = self.classifiers[n - 1](u).float()  # float32 even under autocast: the recursion needs it
         halt = self.halting[n - 1](u).float().squeeze(-1)
         return F.log_softmax(logits, dim=-1), F.logsigmoid(halt)
@@ -288,7 +293,6 @@ class DactRouterModel(nn.Module):
         return DactOutput(
             log_a=log_a[-1],
             a=log_a.exp(),
-            y=log_y.exp(),
             log_y=log_y,
             h=torch.stack(log_hs).exp(),
             p=torch.stack(log_ps).exp(),

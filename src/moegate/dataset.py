@@ -208,15 +208,13 @@ def cap_train_rows(frame: pd.DataFrame, cap: int | None, seed: int) -> pd.DataFr
     """
     if cap is None:
         return frame
-    keep = []
-    for expert, rows in frame.groupby("expert", sort=False):
-        train = rows[rows["split"] == "train"]
+    drop = []
+    for expert, train in frame[frame["split"] == "train"].groupby("expert", sort=False):
         if len(train) > cap:
             rng = np.random.default_rng([seed, zlib.crc32(str(expert).encode()), 1])
-            train = train.loc[np.sort(rng.choice(train.index.to_numpy(), size=cap, replace=False))]
-        keep.append(rows[rows["split"] != "train"].index)
-        keep.append(train.index)
-    return frame.loc[np.sort(np.concatenate([k.to_numpy() for k in keep]))]
+            kept = rng.choice(train.index.to_numpy(), size=cap, replace=False)
+            drop.extend(train.index.difference(kept))
+    return frame.drop(index=drop)
 
 
 def grouped_split(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
