@@ -58,7 +58,7 @@ def ingest_inputs(wildcards):
 def tune_inputs(wildcards):
     inputs = list(rules.dataset.output)
     if wildcards.study != "backbone":
-        inputs += rules.train_backbone.output
+        inputs += router_encoder_inputs(wildcards)
     before = {
         "submodels": [],
         "training": ["submodels"],
@@ -68,10 +68,40 @@ def tune_inputs(wildcards):
     return inputs
 
 
+def dataset_kb_inputs(wildcards):
+    """The KB stages' outputs the dataset stage also reads: chunks (windows, the retrieval index) and
+    clusters (a window's context)."""
+    if config["dataset"]["labelled_csv"]:
+        return []
+    return [str(L.kb(e)) for e in EXPERTS] + [str(L.clusters(e)) for e in EXPERTS]
+
+
+def router_encoder_inputs(wildcards):
+    """What the router's encoder comes from: the fine-tuned backbone (finetune) or the frozen encoder's
+    cached states (frozen; lpft needs both the states and nothing of the backbone)."""
+    if config["router"]["encoder_mode"] == "finetune":
+        return list(rules.train_backbone.output)
+    return list(rules.states.output)
+
+
 def all_queries(wildcards):
     if config["dataset"]["labelled_csv"]:
         return [config["dataset"]["labelled_csv"]]
     return [str(L.queries(e)) for e in EXPERTS]
+
+
+def evaluate_inputs(wildcards):
+    """The real questions scored beside the test split (with the training split their TF-IDF baseline
+    is fitted on), and the KB index retrieval routing reads.
+
+    The dataset stage writes the index only when the KB stages ran (no dataset.labelled_csv).
+    """
+    inputs = []
+    if config["evaluate"]["real_questions"]:
+        inputs += [config["evaluate"]["real_questions"], str(L.split("train"))]
+    if not config["dataset"]["labelled_csv"]:
+        inputs.append(str(L.kb_index))
+    return inputs
 
 
 def final_outputs():

@@ -1,6 +1,7 @@
 rule dataset:
     input:
         all_queries,
+        dataset_kb_inputs,
     output:
         train=str(L.split("train")),
         val=str(L.split("val")),
@@ -8,6 +9,8 @@ rule dataset:
         labels=str(L.labels),
         report=str(L.dataset_report),
         tokens=expand(str(L.tokens("{split}")), split=["train", "val", "test"]),
+        # the KB chunks in the encoder's space (retrieval routing, its teacher): only when the KB stages ran
+        kb_index=[] if config["dataset"]["labelled_csv"] else [str(L.kb_index)],
     log:
         str(L.logs / "dataset.log"),
     benchmark:

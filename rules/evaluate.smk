@@ -5,6 +5,7 @@ rule evaluate:
         str(L.split("test")),
         str(L.tokens("test")),
         str(L.labels),
+        evaluate_inputs,
     output:
         metrics=str(L.router / "metrics.json"),
         exit_layers=report(

@@ -1,7 +1,7 @@
 rule train_router:
     input:
         rules.dataset.output,
-        rules.train_backbone.output,
+        router_encoder_inputs,
         [str(L.tuned(s)) for s in ("submodels", "training", "lambda")],
     output:
         model=str(L.router / "model.safetensors"),

@@ -8,11 +8,27 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_questions
 
-from moegate.evaluate import classification_metrics, evaluate, exit_statistics
+from moegate.evaluate import (
+    classification_metrics,
+    evaluate,
+    exit_statistics,
+    mcnemar_exact,
+    read_real_questions,
+)
 from moegate.layout import Layout
 from moegate.train_backbone import train_backbone
 from moegate.train_router import train_router
+
+
+def _train(config: dict) -> None:
+    """backbone/ and router/ for ``config``, as the workflow builds them before evaluate."""
+    from moegate.states import states
+
+    train_backbone(config)
+    states(config)  # the router's frozen encoder trains its DACT units on this cache
+    train_router(config)
 
 
 def test_classification_metrics_by_hand():
@@ -36,8 +52,7 @@ def test_exit_statistics_histogram_and_means():
 
 def test_evaluate_counts_every_test_row_and_agrees_with_full_depth(tiny_run):
     layout = Layout.from_config(tiny_run)
-    train_backbone(tiny_run)
-    train_router(tiny_run)
+    _train(tiny_run)
     metrics = evaluate(tiny_run)
 
     rows = len(pd.read_parquet(layout.split("test")))
@@ -69,9 +84,86 @@ def test_evaluate_counts_every_test_row_and_agrees_with_full_depth(tiny_run):
 
 def test_evaluate_rejects_test_files_that_disagree(tiny_run):
     layout = Layout.from_config(tiny_run)
-    train_backbone(tiny_run)
-    train_router(tiny_run)
+    _train(tiny_run)
     frame = pd.read_parquet(layout.split("test"))
     frame.iloc[:-1].to_parquet(layout.split("test"), index=False)
     with pytest.raises(ValueError, match=r"test\.parquet \(\d+ rows\) and .*test\.safetensors"):
+        evaluate(tiny_run)
+
+
+def test_mcnemar_exact_by_hand():
+    # 0 vs 5 discordant rows: 2 * P(X <= 0), X ~ Binomial(5, 1/2) = 2 / 32
+    only_b = mcnemar_exact([False] * 5 + [True] * 3, [True] * 5 + [True] * 3)
+    assert only_b == {"p_value": pytest.approx(0.0625), "a_only": 0, "b_only": 5}
+    # 1 vs 4: 2 * (1 + 5) / 32
+    assert mcnemar_exact([True, False, False, False, False], [False, True, True, True, True])["p_value"] == \
+        pytest.approx(12 / 32)
+    assert mcnemar_exact([True, False, True], [False, True, True])["p_value"] == 1.0  # b == c
+    assert mcnemar_exact([True, False], [True, False]) == {"p_value": 1.0, "a_only": 0, "b_only": 0}
+    with pytest.raises(ValueError, match="one length"):
+        mcnemar_exact([True], [True, False])
+
+
+def _write_csv(path, rows, header=("question", "expert")):
+    pd.DataFrame(rows, columns=list(header)).to_csv(path, index=False)
+    return path
+
+
+def test_read_real_questions_names_file_rows_and_unknown_experts(tmp_path):
+    labels = ["a", "b"]
+    path = _write_csv(tmp_path / "real.csv", [("q1", "a"), ("q2", "zz"), ("q3", "b"), ("q4", "zz"), ("q5", "yy")])
+    with pytest.raises(ValueError, match=r"real\.csv: 3 row\(s\) \(2, 4, 5\) .*'zz': 2, 'yy': 1"):
+        read_real_questions(path, labels)
+    blank = _write_csv(tmp_path / "blank.csv", [("q1", "a"), ("  ", "b")])
+    with pytest.raises(ValueError, match=r"blank\.csv: 1 empty question\(s\) in row\(s\) 2"):
+        read_real_questions(blank, labels)
+    no_expert = _write_csv(tmp_path / "cols.csv", [("q1", "a")], header=("question", "course"))
+    with pytest.raises(ValueError, match=r"cols\.csv: missing column\(s\) \['expert'\]"):
+        read_real_questions(no_expert, labels)
+    with pytest.raises(ValueError, match=r"nowhere\.csv: real questions CSV not found"):
+        read_real_questions(tmp_path / "nowhere.csv", labels)
+    # other columns are ignored, whitespace around the expert is not an error
+    extra = _write_csv(tmp_path / "extra.csv", [("q1", " b ", "x"), ("q2", "a", "y")],
+                       header=("question", "expert", "source"))
+    texts, truth = read_real_questions(extra, labels)
+    assert texts == ["q1", "q2"] and truth.tolist() == [1, 0]
+
+
+def test_evaluate_scores_real_questions(tiny_run, tmp_path):
+    layout = Layout.from_config(tiny_run)
+    real = _write_csv(tmp_path / "real.csv", tiny_questions(per_expert=3, seed=1))
+    tiny_run["evaluate"]["real_questions"] = str(real)
+    _train(tiny_run)
+    evaluate(tiny_run)
+
+    real_metrics = json.loads((layout.router / "metrics.json").read_text())["real_questions"]
+    assert real_metrics["path"] == str(real) and real_metrics["rows"] == 9
+    for system in ("router_early_exit", "router_full_depth", "backbone", "tfidf_logreg"):
+        m = real_metrics[system]
+        assert m["rows"] == 9 and np.asarray(m["confusion"]).sum() == 9 and 0.0 <= m["accuracy"] <= 1.0
+        assert m["support"] == {expert: 3 for expert in tiny_run["experts"]}
+    assert sum(real_metrics["router_early_exit"]["histogram"].values()) == 9
+    assert real_metrics["agreement_early_exit_vs_full_depth"] == 1.0
+    # a labelled-CSV dataset has no KB index: no retrieval routing, nothing to pair it with
+    assert not layout.kb_index.exists()
+    assert real_metrics["retrieval_routing"] is None and real_metrics["mcnemar_vs_retrieval"] is None
+
+    # with a KB index (here: other tiny questions as its chunks), retrieval routing is scored and paired
+    from moegate.retrieval import KBIndex, embed_queries
+
+    chunks = tiny_questions(per_expert=4, seed=2)
+    labels = json.loads(layout.labels.read_text())["labels"]
+    index = KBIndex(embed_queries([q for q, _ in chunks], tiny_run), torch.tensor([labels.index(e) for _, e in chunks]),
+                    [str(i) for i in range(len(chunks))], labels, tiny_run["encoder"]["model"])
+    index.save(layout.kb_index)
+    tiny_run["evaluate"]["retrieval_top_k"] = 2
+    real_metrics = evaluate(tiny_run)["real_questions"]
+    assert real_metrics["retrieval_routing"]["rows"] == 9 and 0.0 <= real_metrics["retrieval_routing"]["accuracy"] <= 1
+    pairs = real_metrics["mcnemar_vs_retrieval"]
+    assert set(pairs) == {"router_early_exit", "backbone", "tfidf_logreg"}
+    for name, test in pairs.items():
+        right = round(real_metrics[name]["accuracy"] * 9) - round(real_metrics["retrieval_routing"]["accuracy"] * 9)
+        assert test["b"] - test["c"] == right and 0.0 < test["p_value"] <= 1.0
+    KBIndex(index.vectors, index.expert, index.chunk_ids, labels[::-1], index.encoder).save(layout.kb_index)
+    with pytest.raises(ValueError, match=r"kb_index\.safetensors: labels .* differ"):
         evaluate(tiny_run)

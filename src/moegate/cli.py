@@ -85,6 +85,14 @@ def dataset(config: Path = ConfigOpt) -> None:
     run(_config(config))
 
 
+@app.command()
+def states(config: Path = ConfigOpt) -> None:
+    """Cache every dataset row's per-layer pooled states under the frozen encoder."""
+    from moegate.states import states as run
+
+    run(_config(config))
+
+
 @app.command("train-backbone")
 def train_backbone(config: Path = ConfigOpt) -> None:
     """Fine-tune the backbone classifier (resumes from its last checkpoint)."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 POOLINGS = ("cls", "mean")
+CLASSIFIERS = ("mlp", "prototypes")
+PROTOTYPE_SCALE_INIT = 20.0  # logit = scale × cosine: a cosine gap of 0.05 starts as e^1 odds
 
 # Halting heads start with h_n = sigmoid(1.0) ≈ 0.73 for every input (zero output weights). Then
 # p_n = 0.73^n spreads a_N's weight over layers 2..N (≈ 0.04 / 0.12 / 0.18 / 0.22 / 0.23 / 0.21 on
@@ -83,10 +86,21 @@ class HeadConfig:
     activation: str = "gelu"  # relu | gelu | tanh, for the projection and the hidden layers
     pooling: str = "cls"  # what each unit reads: cls = c_n at position 0; mean = the masked token mean
     # (sentence-transformers backbones such as MiniLM were trained for mean pooling)
+    classifier: str = "mlp"  # mlp = an MLP per layer on u_n; prototypes = cosine to each expert's prototypes
+    prototypes: int = 32  # per expert and layer (classifier = prototypes): a course is many topics
+    prototype_top_k: int = 3  # an expert's score is the mean of its top-k prototype cosines
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"router.head.pooling: expected one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"router.head.classifier: expected one of {list(CLASSIFIERS)}, got {self.classifier!r}")
+        for key in ("prototypes", "prototype_top_k"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"router.head.{key}: expected a positive integer, got {getattr(self, key)!r}")
+        if int(self.prototype_top_k) > int(self.prototypes):
+            raise ValueError(f"router.head.prototype_top_k ({self.prototype_top_k}) exceeds router.head.prototypes "
+                             f"({self.prototypes})")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"router.head.activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         for key in ("projection_dim", "width"):
@@ -135,6 +149,23 @@ class _Head(nn.Sequential):
     @property
     def output(self) -> nn.Linear:
         return self[-1]
+
+
+class _PrototypeHead(nn.Module):
+    """Expert logits from prototypes: each expert owns M unit vectors; its logit is a learned scale
+    times the mean of its top-k cosines to u (u must be unit length). Keeps a course's many topical
+    modes that one linear boundary would average away; k-means over the KB's states initialises it."""
+
+    def __init__(self, dim: int, num_experts: int, cfg: HeadConfig):
+        super().__init__()
+        self.num_experts, self.per_expert, self.top_k = num_experts, int(cfg.prototypes), int(cfg.prototype_top_k)
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(num_experts * self.per_expert, dim), dim=-1))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(PROTOTYPE_SCALE_INIT)))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        cos = u @ F.normalize(self.prototypes, dim=-1).T  # (B, K·M)
+        top = cos.view(-1, self.num_experts, self.per_expert).topk(self.top_k, dim=-1).values
+        return self.log_scale.exp() * top.mean(-1)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -219,11 +250,26 @@ class DactRouterModel(nn.Module):
         self.head_config = head
         hidden = int(encoder.config.hidden_size if hasattr(encoder.config, "hidden_size") else encoder.config.dim)
         n = len(self._layers)
-        self.projection = nn.Sequential(
-            nn.Linear(hidden, head.projection_dim), ACTIVATIONS[head.activation](), nn.Dropout(head.dropout)
-        )
-        self.classifiers = nn.ModuleList(_Head(head.projection_dim, self.num_experts, head) for _ in range(n))
-        self.halting = nn.ModuleList(_Head(head.projection_dim, 1, head) for _ in range(n))
+        self.hidden_size = hidden
+        if head.classifier == "prototypes":
+            # u_n = normalize(W (c_n − μ_n)): W starts as the identity, so the units start in the encoder's
+            # own geometry (cosine between mean-pooled states), centred per layer (μ_n: the training rows'
+            # mean state at layer n) because early layers share one large common direction.
+            linear = nn.Linear(hidden, hidden)
+            nn.init.eye_(linear.weight)
+            nn.init.zeros_(linear.bias)
+            self.projection = nn.Sequential(linear, nn.Dropout(head.dropout))
+            self.register_buffer("center", torch.zeros(n, hidden))
+            self.classifiers = nn.ModuleList(_PrototypeHead(hidden, self.num_experts, head) for _ in range(n))
+            # the halting head also sees how sure y_n is (top probability, margin to the runner-up)
+            self.halting = nn.ModuleList(_Head(hidden + 2, 1, head) for _ in range(n))
+        else:
+            self.projection = nn.Sequential(
+                nn.Linear(hidden, head.projection_dim), ACTIVATIONS[head.activation](), nn.Dropout(head.dropout)
+            )
+            self.center = None
+            self.classifiers = nn.ModuleList(_Head(head.projection_dim, self.num_experts, head) for _ in range(n))
+            self.halting = nn.ModuleList(_Head(head.projection_dim, 1, head) for _ in range(n))
         for g in self.halting:
             nn.init.zeros_(g.output.weight)
             nn.init.constant_(g.output.bias, HALTING_BIAS_INIT)
@@ -268,22 +314,79 @@ class DactRouterModel(nn.Module):
 
     def _unit(self, n: int, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer n's DACT unit on c_n (B, H) from :meth:`_pool`: (log y_n (B, K), log h_n (B,)) in float32."""
+        if self.center is not None:  # prototype units
+            u = F.normalize(self.projection(pooled.float() - self.center[n - 1]), dim=-1)
+            log_y = F.log_softmax(self.classifiers[n - 1](u).float(), dim=-1)
+            top = log_y.exp().topk(min(2, self.num_experts), dim=-1).values
+            margin = top[:, 0] - top[:, 1] if self.num_experts > 1 else top[:, 0]
+            features = torch.cat([u * math.sqrt(self.hidden_size), top[:, :1], margin[:, None]], dim=-1)
+            halt = self.halting[n - 1](features).float().squeeze(-1)
+            return log_y, F.logsigmoid(halt)
         u = self.projection(pooled)
         logits = self.classifiers[n - 1](u).float()  # float32 even under autocast: the recursion needs it
         halt = self.halting[n - 1](u).float().squeeze(-1)
         return F.log_softmax(logits, dim=-1), F.logsigmoid(halt)
 
+    @torch.no_grad()
+    def init_prototypes(self, states: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> None:
+        """Centre each layer on the mean of ``states`` and set every expert's prototypes to k-means
+        centroids of its rows' centred, unit-length states at that layer.
+
+        In: states (N, rows, H) pooled states of labelled rows (the KB windows, ideally), labels (rows,).
+        An expert with fewer rows than prototypes repeats its rows (with a little noise).
+        """
+        from sklearn.cluster import KMeans
+
+        if self.center is None:
+            raise ValueError("init_prototypes: router.head.classifier is not 'prototypes'")
+        states, labels = torch.as_tensor(states).float().cpu(), torch.as_tensor(labels).long().cpu()
+        if states.shape[0] != self.num_layers or states.shape[1] != labels.shape[0]:
+            raise ValueError(f"init_prototypes: states {tuple(states.shape)} do not match {self.num_layers} layers "
+                             f"and {labels.shape[0]} labels")
+        gen = torch.Generator().manual_seed(seed)
+        for n in range(self.num_layers):
+            center = states[n].mean(0)
+            self.center[n] = center.to(self.center.device)
+            unit = F.normalize(states[n] - center, dim=-1)
+            head = self.classifiers[n]
+            m = head.per_expert
+            for e in range(self.num_experts):
+                rows = unit[labels == e]
+                if rows.shape[0] == 0:
+                    continue  # no rows for this expert: its random prototypes stay
+                if rows.shape[0] <= m:
+                    picks = torch.arange(m) % rows.shape[0]
+                    centers = rows[picks] + 0.01 * torch.randn(m, rows.shape[1], generator=gen)
+                else:
+                    km = KMeans(n_clusters=m, n_init=1, random_state=seed, max_iter=100).fit(rows.numpy())
+                    centers = torch.from_numpy(km.cluster_centers_).float()
+                head.prototypes[e * m:(e + 1) * m] = F.normalize(centers, dim=-1).to(head.prototypes.device)
+
     # -- training path -------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DactOutput:
-        """All N layers for every row (training and analysis). Rows must start with [CLS]."""
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, B, H) every layer's pooled state c_n: what the DACT units read. With a frozen encoder this
+        is all the encoder contributes, so it is computed once per row and cached (the states stage)."""
         input_ids, attention_mask = _prepare(input_ids, attention_mask)
         hidden = self._embed(input_ids)
         layer_mask = self._layer_mask(hidden, attention_mask)
+        pooled = []
+        for n in range(1, self.num_layers + 1):
+            hidden = self._run_layer(n, hidden, layer_mask)
+            pooled.append(self._pool(hidden, attention_mask))
+        return torch.stack(pooled)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DactOutput:
+        """All N layers for every row (training and analysis). Rows must start with [CLS]."""
+        return self.forward_states(self.states(input_ids, attention_mask))
+
+    def forward_states(self, states: torch.Tensor) -> DactOutput:
+        """The DACT units and recursion on pooled states (N, B, H) from :meth:`states` (or its cache)."""
+        if states.dim() != 3 or states.shape[0] != self.num_layers:
+            raise ValueError(f"states: expected ({self.num_layers}, rows, hidden), got {tuple(states.shape)}")
         state = None
         log_ys, log_hs, log_as, log_ps = [], [], [], []
         for n in range(1, self.num_layers + 1):
-            hidden = self._run_layer(n, hidden, layer_mask)
-            log_y, log_h = self._unit(n, self._pool(hidden, attention_mask))
+            log_y, log_h = self._unit(n, states[n - 1])
             state = dact_step(log_y, log_h, state)
             log_ys.append(log_y)
             log_hs.append(log_h)
@@ -299,18 +402,28 @@ class DactRouterModel(nn.Module):
         )
 
     @staticmethod
-    def loss(out: DactOutput, labels: torch.Tensor, lambda_: float, layer_loss_weight: float = 0.0):
+    def loss(out: DactOutput, labels: torch.Tensor, lambda_: float, layer_loss_weight: float = 0.0,
+             teacher: torch.Tensor | None = None, teacher_weight: float = 0.0):
         """(total, nll, ponder): NLL(log a_N) and Σ_n p_n, each a mean over the batch's rows.
 
-        total = nll + λ·ponder + β·mean_n NLL(log y_n) with β = ``layer_loss_weight`` (0 = plain DACT).
+        total = nll + λ·ponder + β·mean_n NLL(log y_n) with β = ``layer_loss_weight`` (0 = plain DACT),
+        plus, with a ``teacher`` distribution (B, K), w·[KL(teacher ‖ a_N) + β·mean_n KL(teacher ‖ y_n)]
+        with w = ``teacher_weight``: the retrieval teacher distilled into the answer and every exit.
         """
         nll = F.nll_loss(out.log_a, labels)
         ponder = out.p.sum(0).mean()
         total = nll + float(lambda_) * ponder
+        n_layers, _, k = out.log_y.shape
         if layer_loss_weight:
-            n_layers, _, k = out.log_y.shape
             per_layer = F.nll_loss(out.log_y.reshape(-1, k), labels.repeat(n_layers))  # mean over (n, row)
             total = total + float(layer_loss_weight) * per_layer
+        if teacher is not None and teacher_weight:
+            teacher = teacher.float()
+            kl = F.kl_div(out.log_a, teacher, reduction="batchmean")
+            if layer_loss_weight:
+                kl = kl + float(layer_loss_weight) * F.kl_div(
+                    out.log_y.reshape(-1, k), teacher.repeat(n_layers, 1), reduction="batchmean")
+            total = total + float(teacher_weight) * kl
         return total, nll, ponder
 
     # -- inference -------------------------------------------------------------------------------------
@@ -372,6 +485,22 @@ class DactRouterModel(nn.Module):
             out = self.forward(input_ids, attention_mask)
             n = torch.full((out.log_a.shape[0],), self.num_layers, dtype=torch.long, device=out.log_a.device)
             return out.log_a.exp(), n
+
+
+def exit_from_output(out: DactOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample early exit read off an all-layer output: (probs (B, K), exit_layer (B,)).
+
+    Row i exits at the first layer whose exit rule holds, with a_n there: exactly what
+    :meth:`DactRouterModel.early_exit` returns for the same units (it just skips the later layers).
+    Used to score the early exit on cached states, where running the layers is not the cost.
+    """
+    n_layers = out.a.shape[0]
+    log_a = out.a.clamp_min(1e-38).log()
+    log_p = out.p.clamp_min(1e-38).log()
+    halted = torch.stack([exit_condition(log_a[n], log_p[n], n_layers - 1 - n) for n in range(n_layers)])
+    first = halted.float().argmax(0)  # the last layer always halts, so every row has a first True
+    rows = torch.arange(out.a.shape[1], device=out.a.device)
+    return out.a[first, rows], first + 1
 
 
 def _check_encoder(encoder: nn.Module) -> str:

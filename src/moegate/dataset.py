@@ -3,10 +3,23 @@
 In:  ``queries/{expert}.parquet`` of every expert (query, expert, cluster, context_id, backend, model),
      or, when ``dataset.labelled_csv`` is set, a user's own CSV with ``question,expert`` columns
      (optionally ``context_id``).
-Out: ``dataset/{train,val,test}.parquet`` (query, expert, label, context_id, cluster, backend),
-     ``dataset/labels.json`` (the expert order = ``config.experts`` order),
-     ``dataset/tokenized/{split}.safetensors`` (input_ids, attention_mask, labels; int64) and
-     ``dataset/report.json`` (rows in/out per reason, per-split per-expert counts, truncation).
+Out: ``dataset/{train,val,test}.parquet`` (query, expert, label, context_id, cluster, backend, kind,
+     chunk), ``dataset/labels.json`` (the expert order = ``config.experts`` order),
+     ``dataset/tokenized/{split}.safetensors`` (input_ids, attention_mask, labels: int64; teacher:
+     float32 (rows, K) when the retrieval teacher is on), ``dataset/kb_index.safetensors`` (the KB
+     chunks in the encoder's space, :mod:`moegate.retrieval`) and ``dataset/report.json`` (rows
+     in/out per reason, per-split per-expert counts, truncation, the teacher's agreement).
+
+Two things beside the questions, both from the knowledge bases (synthesized source only):
+
+- KB windows (``dataset.kb_windows``): windows of ``words`` words every ``stride`` words of each KB
+  chunk join the training rows, labelled with their expert (``kind = window``). A window belongs to
+  its chunk's context, so it goes where the context's questions went: windows of held-out (val/test)
+  contexts are dropped, and the grouped split still holds.
+- The retrieval teacher (``dataset.teacher``): for every row, the expert distribution retrieval
+  routing gives (mean cosine of each expert's top-k chunks, softmax at a temperature; a window's own
+  chunk left out). The router's loss distils it; synthetic questions it strongly contradicts
+  (probability of their own label below ``drop_below``) are dropped from train.
 
 The split is stratified by expert and grouped by ``context_id``: questions written from one context
 are near-paraphrases of each other, so a context that straddled train and test would leak answers
@@ -24,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from moegate.io import atomic_path, read_table, write_json, write_parquet
 from moegate.layout import Layout
@@ -32,7 +46,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # the dataset/{split}.parquet contract (docs/architecture.md)
-COLUMNS = ["query", "expert", "label", "context_id", "cluster", "backend"]
+COLUMNS = ["query", "expert", "label", "context_id", "cluster", "backend", "kind", "chunk"]
+KINDS = ("question", "window")  # a synthesized/labelled question, or a window of KB text
+WINDOW_BACKEND = "kb_window"
 # what the stage needs from queries/{expert}.parquet
 QUERY_COLUMNS = ("query", "expert", "cluster", "context_id", "backend")
 CSV_COLUMNS = ("question", "expert")
@@ -232,6 +248,104 @@ def grouped_split(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -
     return split
 
 
+# -- the knowledge bases as training rows ---------------------------------------------------------
+def text_windows(text: str, words: int, stride: int) -> list[str]:
+    """Windows of ``words`` whitespace words every ``stride`` words; a text shorter than one window is
+    one window; a trailing window shorter than half a window is left out (its words are in the last one)."""
+    tokens = text.split()
+    if len(tokens) <= words:
+        return [" ".join(tokens)] if tokens else []
+    out = []
+    for start in range(0, len(tokens) - words + stride, stride):
+        piece = tokens[start:start + words]
+        if len(piece) < max(1, words // 2):
+            break
+        out.append(" ".join(piece))
+    return out
+
+
+def kb_windows(config: dict, layout: Layout, chunk_row: dict[str, int]) -> pd.DataFrame:
+    """Every expert's KB chunks cut into windows (``dataset.kb_windows``), each labelled with its expert
+    and its chunk's synthesize context (``context_id``, the same grouping as the questions).
+
+    ``chunk_row``: KB index row of each chunk id (the teacher leaves a window's own chunk out).
+    Chunks that belong to no context (noise dropped by the cluster stage) give no windows.
+    """
+    from moegate.synthesize import build_contexts
+
+    section = config["dataset"]["kb_windows"]
+    words, stride = int(section["words"]), int(section["stride"])
+    rows = []
+    for expert in config["experts"]:
+        kb = read_table(layout.kb(expert), ["id", "text"], f"run `moegate ingest --expert {expert}` first")
+        clusters = read_table(layout.clusters(expert), ["id", "cluster"],
+                              f"run `moegate cluster --expert {expert}` first")
+        text = dict(zip(kb["id"].astype(str), kb["text"].astype(str)))
+        for context in build_contexts(kb, clusters, expert, int(config["synthesize"]["context_tokens"]),
+                                      str(layout.kb(expert)), str(layout.clusters(expert))):
+            for chunk_id in context.chunk_ids:
+                for window in text_windows(normalise(text[chunk_id]), words, stride):
+                    rows.append((window, expert, context.cluster, context.context_id, WINDOW_BACKEND, "window",
+                                 chunk_row.get(f"{expert}\x00{chunk_id}", -1)))
+    return pd.DataFrame(rows, columns=["query", "expert", "cluster", "context_id", "backend", "kind", "chunk"])
+
+
+def add_windows(frame: pd.DataFrame, windows: pd.DataFrame, max_share: float, seed: int,
+                dropped: dict[str, int]) -> pd.DataFrame:
+    """Join KB windows to the split questions: a window takes its context's split; windows of held-out
+    contexts are dropped (``window_held_out``); windows of contexts no question came from go to train.
+    Each expert keeps at most ``max_share`` of its training rows as windows (seeded sample;
+    ``window_over_share``). Windows that repeat a question or another window are dropped too."""
+    split_of = frame.drop_duplicates("context_id").set_index("context_id")["split"]
+    windows = windows.assign(split=windows["context_id"].map(split_of).fillna("train"))
+    held_out = windows["split"] != "train"
+    dropped["window_held_out"] = int(held_out.sum())
+    windows = windows[~held_out]
+    key = windows["query"].str.casefold()
+    repeat = key.duplicated() | key.isin(set(frame["query"].str.casefold()))
+    dropped["window_duplicate"] = int(repeat.sum())
+    windows = windows[~repeat]
+    keep = []
+    for expert, part in windows.groupby("expert", sort=False):
+        questions = int(((frame["expert"] == expert) & (frame["split"] == "train")).sum())
+        cap = len(part) if max_share >= 1.0 or questions == 0 else int(max_share / (1.0 - max_share) * questions)
+        if len(part) > cap:
+            rng = np.random.default_rng([seed, zlib.crc32(str(expert).encode()), 2])
+            part = part.loc[np.sort(rng.choice(part.index.to_numpy(), size=cap, replace=False))]
+        keep.append(part)
+    kept = pd.concat(keep) if keep else windows.iloc[:0]
+    dropped["window_over_share"] = len(windows) - len(kept)
+    return pd.concat([frame, kept], ignore_index=True)
+
+
+def teacher_scores(config: dict, frame: pd.DataFrame, index) -> torch.Tensor:
+    """(rows, K) retrieval-routing scores of every row (its own chunk left out for a window)."""
+    from moegate.retrieval import embed_queries
+
+    queries = embed_queries(frame["query"].tolist(), config)
+    exclude = torch.tensor(frame["chunk"].to_numpy(dtype=np.int64))
+    return index.expert_scores(queries, int(config["dataset"]["teacher"]["top_k"]), exclude=exclude)
+
+
+def apply_teacher(frame: pd.DataFrame, teacher: torch.Tensor, scores: torch.Tensor, drop_below: float,
+                  dropped: dict[str, int]) -> tuple[pd.DataFrame, torch.Tensor, dict]:
+    """Drop the training questions whose teacher gives their own label less than ``drop_below``
+    (``teacher_disagrees``); report how often retrieval routing agrees with the labels, per split and kind."""
+    labels = torch.as_tensor(frame["label"].to_numpy(dtype=np.int64))
+    own = teacher.gather(1, labels[:, None]).squeeze(1).numpy()
+    agree = (scores.argmax(1) == labels).numpy()
+    report = {"agreement": {}, "drop_below": drop_below}
+    for split in SPLITS:
+        for kind in KINDS:
+            rows = ((frame["split"] == split) & (frame["kind"] == kind)).to_numpy()
+            if rows.any():
+                report["agreement"][f"{split}_{kind}"] = round(float(agree[rows].mean()), 4)
+    drop = ((frame["split"] == "train") & (frame["kind"] == "question")).to_numpy() & (own < drop_below)
+    dropped["teacher_disagrees"] = int(drop.sum())
+    keep = ~drop
+    return frame[keep].reset_index(drop=True), teacher[torch.from_numpy(keep)], report
+
+
 # -- tokenizing ---------------------------------------------------------------------------------
 def load_tokenizer(model: str):
     """The tokenizer of the configured backbone (``backbone.model``), resolved offline when possible."""
@@ -332,14 +446,37 @@ def dataset(config: dict) -> dict:
                 f"{MIN_GROUPS_FOR_ALL_SPLITS} context groups ({few}); add questions or contexts"
             )
 
+    frame["kind"], frame["chunk"] = "question", -1
+    index, teacher, teacher_report = None, None, None
+    if not ds["labelled_csv"]:  # the KB stages ran: their chunks are rows too, and the teacher's index
+        from moegate.retrieval import build_index, teacher_distribution
+
+        index = build_index(config, experts, layout)
+        index.save(layout.kb_index)
+        if ds["kb_windows"]["enabled"]:
+            chunk_row = {f"{experts[int(e)]}\x00{c}": i for i, (e, c) in enumerate(zip(index.expert, index.chunk_ids))}
+            windows = kb_windows(config, layout, chunk_row)
+            frame = add_windows(frame, windows.assign(label=windows["expert"].map(label_of).astype("int64")),
+                                float(ds["kb_windows"]["max_share"]), int(config["seed"]), dropped)
+        if ds["teacher"]["enabled"]:
+            scores = teacher_scores(config, frame, index)
+            teacher = teacher_distribution(scores, float(ds["teacher"]["temperature"]))
+            frame, teacher, teacher_report = apply_teacher(frame, teacher, scores, float(ds["teacher"]["drop_below"]),
+                                                           dropped)
+    elif ds["kb_windows"]["enabled"] or ds["teacher"]["enabled"]:
+        log.info("dataset: labelled_csv given, so no KB windows and no retrieval teacher (they need the KB stages)")
+
     tokenizer, tokenizer_path = load_tokenizer(config["backbone"]["model"])
     max_length = int(ds["max_length"])
     splits_report, truncated_total = {}, 0
     for split in SPLITS:
-        part = frame[frame["split"] == split][COLUMNS].reset_index(drop=True)
+        rows = (frame["split"] == split).to_numpy()
+        part = frame[rows][COLUMNS].reset_index(drop=True)
         tensors, truncated = tokenize(
             part["query"].tolist(), part["label"].tolist(), tokenizer, max_length, desc=f"tokenize {split}"
         )
+        if teacher is not None:
+            tensors["teacher"] = teacher[torch.from_numpy(rows)].float().contiguous()
         write_parquet(layout.split(split), part)
         save_tensors(layout.tokens(split), tensors)
         truncated_total += truncated
@@ -349,6 +486,7 @@ def dataset(config: dict) -> dict:
             "target_share": round(fractions[split], 4),
             "context_groups": int(part["context_id"].nunique()),
             "per_expert": {e: int((part["expert"] == e).sum()) for e in experts},
+            "kind": {k: int((part["kind"] == k).sum()) for k in KINDS},
             "truncated": truncated,
         }
     write_json(layout.labels, {"labels": experts})
@@ -371,6 +509,8 @@ def dataset(config: dict) -> dict:
             "class": type(tokenizer).__name__,
         },
         "truncated_share": round(truncated_total / len(frame), 4),
+        "kb_index": None if index is None else {"chunks": len(index), "encoder": index.encoder},
+        "teacher": teacher_report,
         "wall_s": round(time.perf_counter() - started, 2),
     }
     write_json(layout.dataset_report, report)

@@ -1,18 +1,30 @@
 """Stage evaluate: score the router on every test row, against itself at full depth and the backbone alone.
 
 In: ``router/``, ``backbone/``, ``dataset/test.parquet`` + ``dataset/tokenized/test.safetensors``.
+    With ``evaluate.real_questions``: that CSV, ``dataset/train.parquet`` (the TF-IDF baseline) and,
+    when the dataset stage wrote it, ``dataset/kb_index.safetensors`` (retrieval routing).
 Out: ``router/metrics.json`` and ``evaluation/exit_layers.png``, ``evaluation/confusion.png``.
 
 Three systems on the same rows: (a) the router with its per-sample early exit, (b) the same router
 forced to run all N layers, (c) the fine-tuned backbone classifier. For each: accuracy, macro-F1,
 per-expert recall and the confusion matrix; for (a) also the exit-layer histogram, the mean number of
 layers run, and how often (a) and (b) pick the same expert — 1.0 by the exit rule's guarantee.
+
+With ``evaluate.real_questions`` (a CSV of real users' ``question,expert`` rows) the same is done on
+those rows under ``metrics["real_questions"]``, beside two baselines that need no router: retrieval
+routing over the KB index (``dataset/kb_index.safetensors``; null when the dataset came from a
+labelled CSV and so has no index) and TF-IDF + logistic regression fitted on the training split.
+Synthetic test questions resemble their training siblings; real ones show whether that transfers.
+``mcnemar_vs_retrieval`` pairs each method with retrieval routing on the same rows: ``b`` = rows the
+method gets right and retrieval wrong, ``c`` = the reverse, ``p_value`` = exact two-sided McNemar.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +34,7 @@ from moegate.encoder import device as pick_device
 from moegate.io import save_figure, write_json
 from moegate.layout import Layout
 from moegate.train_backbone import BackboneClassifier, classify, load_backbone_classifier, read_labels
-from moegate.training import load_tokens, to_device
+from moegate.training import TokenSplit, load_tokens, to_device
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +135,138 @@ def layer_accuracies(model, split, batch_size: int, device: torch.device) -> lis
     return [round(c / max(1, len(split)), 6) for c in correct.tolist()]
 
 
+def mcnemar_exact(correct_a, correct_b) -> dict:
+    """Exact two-sided McNemar test of two methods scored on the same rows.
+
+    In: two boolean arrays (rows,), True where that method routed the row right.
+    Out: ``{"p_value", "a_only", "b_only"}``: a_only = rows only A got right, b_only = only B. The
+    p-value is the binomial test of the discordant pairs, min(1, 2 P(X <= min(a_only, b_only))) with
+    X ~ Binomial(a_only + b_only, 1/2); 1.0 when the methods never disagree on correctness.
+    """
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"mcnemar_exact: expected two 1-d arrays of one length, got {a.shape} and {b.shape}")
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    n = a_only + b_only
+    if n == 0:
+        return {"p_value": 1.0, "a_only": 0, "b_only": 0}
+    # exact integers, one division: no underflow of 0.5**n for a few thousand discordant rows
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1))
+    return {"p_value": min(1.0, 2 * tail / 2**n), "a_only": a_only, "b_only": b_only}
+
+
+def read_real_questions(path: str | Path, labels: list[str]) -> tuple[list[str], np.ndarray]:
+    """``evaluate.real_questions`` → (questions, label index of each row); other columns are ignored.
+
+    Every row must be scorable: a missing file or column, an empty question or an expert outside
+    ``labels`` raises ValueError naming the file and the rows (1 = first data row), since a silently
+    dropped real question would change the score it is read for.
+    """
+    path = Path(path)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: real questions CSV not found (evaluate.real_questions)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV (evaluate.real_questions): {e}") from None
+    raw.columns = [str(c).strip() for c in raw.columns]
+    missing = [c for c in ("question", "expert") if c not in raw.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected a header with ['question', 'expert'] "
+                         f"(found {list(raw.columns)})")
+    if raw.empty:
+        raise ValueError(f"{path}: no rows (evaluate.real_questions)")
+    questions, experts = raw["question"].str.strip(), raw["expert"].str.strip()
+    rows = np.arange(1, len(raw) + 1)  # 1 = first data row
+    empty = (questions == "").to_numpy()
+    if empty.any():
+        raise ValueError(f"{path}: {int(empty.sum())} empty question(s) in row(s) {_rows(rows[empty])}")
+    unknown = (~experts.isin(labels)).to_numpy()
+    if unknown.any():
+        counts = experts[unknown].value_counts().to_dict()
+        raise ValueError(f"{path}: {int(unknown.sum())} row(s) ({_rows(rows[unknown])}) name experts the router "
+                         f"does not know: {counts}; expected one of {labels}")
+    index = {name: i for i, name in enumerate(labels)}
+    return questions.tolist(), experts.map(index).to_numpy(dtype=np.int64)
+
+
+def _rows(rows: np.ndarray, n: int = 10) -> str:
+    more = f" (+{len(rows) - n} more)" if len(rows) > n else ""
+    return ", ".join(str(int(r)) for r in rows[:n]) + more
+
+
+def backbone_tokens(tokenizer, texts: list[str], truth: np.ndarray, max_length: int, source: str) -> TokenSplit:
+    """``texts`` tokenized as the dataset stage does for the backbone: right-padded to ``max_length``."""
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=int(max_length), return_tensors="pt")
+    return TokenSplit(enc["input_ids"].long(), enc["attention_mask"].long(), torch.as_tensor(truth, dtype=torch.long),
+                      source=source)
+
+
+def tfidf_predictions(train_path: Path, texts: list[str], seed: int) -> np.ndarray:
+    """A baseline with no encoder: TF-IDF (1-2 grams) + logistic regression fitted on every training row."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    train = pd.read_parquet(train_path, columns=["query", "label"])
+    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                          LogisticRegression(max_iter=2000, C=10.0, random_state=int(seed)))
+    model.fit(train["query"].astype(str).tolist(), train["label"].to_numpy())
+    return np.asarray(model.predict(texts), dtype=np.int64)
+
+
+def retrieval_predictions(config: dict, layout: Layout, labels: list[str], texts: list[str]) -> np.ndarray | None:
+    """Retrieval routing's expert for each text, or None when the dataset stage wrote no KB index."""
+    from moegate.retrieval import KBIndex, RetrievalRouter
+
+    path = layout.kb_index
+    if not path.is_file():
+        log.info("evaluate: no %s (the dataset came from dataset.labelled_csv, so the KB stages did not run): "
+                 "real_questions.retrieval_routing is null", path)
+        return None
+    index = KBIndex.load(path)
+    if index.labels != labels:
+        raise ValueError(f"{path}: labels {index.labels} differ from {layout.labels} {labels}; rerun the dataset stage")
+    return RetrievalRouter(index, config, top_k=config["evaluate"]["retrieval_top_k"]).predict(texts)
+
+
+def score_real_questions(config: dict, layout: Layout, labels: list[str], router, backbone: BackboneClassifier,
+                         tokenizer, device: torch.device) -> dict:
+    """Every method on the rows of ``evaluate.real_questions``: the ``metrics["real_questions"]`` dict."""
+    path = Path(config["evaluate"]["real_questions"])
+    texts, truth = read_real_questions(path, labels)
+    probs_exit, exit_layer = router.predict(texts, early_exit=True, batch_size=EVAL_BATCH_SIZE)
+    probs_full, _ = router.predict(texts, early_exit=False, batch_size=EVAL_BATCH_SIZE)
+    tokens = backbone_tokens(tokenizer, texts, truth, config["dataset"]["max_length"], str(path))
+    predicted = {
+        "router_early_exit": probs_exit.argmax(1),
+        "router_full_depth": probs_full.argmax(1),
+        "backbone": classify(backbone, tokens, EVAL_BATCH_SIZE, device).argmax(1).numpy(),
+        "tfidf_logreg": tfidf_predictions(layout.split("train"), texts, config["seed"]),
+    }
+    retrieval = retrieval_predictions(config, layout, labels, texts)
+    out = {"path": str(path), "rows": len(truth)}
+    out.update({name: classification_metrics(labels, truth, pred) for name, pred in predicted.items()})
+    out["router_early_exit"].update(exit_statistics(labels, truth, exit_layer, router.num_layers))
+    out["agreement_early_exit_vs_full_depth"] = float((predicted["router_early_exit"]
+                                                       == predicted["router_full_depth"]).mean())
+    out["retrieval_routing"] = None if retrieval is None else classification_metrics(labels, truth, retrieval)
+    out["mcnemar_vs_retrieval"] = None
+    if retrieval is not None:
+        out["mcnemar_vs_retrieval"] = {}
+        for name in ("router_early_exit", "backbone", "tfidf_logreg"):
+            test = mcnemar_exact(predicted[name] == truth, retrieval == truth)
+            out["mcnemar_vs_retrieval"][name] = {"p_value": test["p_value"], "b": test["a_only"], "c": test["b_only"]}
+    scored = ["router_early_exit", "router_full_depth", "backbone", "retrieval_routing", "tfidf_logreg"]
+    log.info("evaluate: %d real questions (%s); accuracy %s", len(truth), path,
+             ", ".join(f"{name} {'n/a' if out[name] is None else format(out[name]['accuracy'], '.4f')}"
+                       for name in scored))
+    return out
+
+
 def evaluate(config: dict) -> dict:
-    """Score (a) early exit, (b) full depth and (c) the backbone on every test row; write the outputs."""
+    """Score (a) early exit, (b) full depth and (c) the backbone on every test row (and, with
+    ``evaluate.real_questions``, every method on those rows); write the outputs, return the metrics."""
     from moegate.router import Router
 
     t0 = time.perf_counter()
@@ -153,7 +295,7 @@ def evaluate(config: dict) -> dict:
     pred_exit, pred_full = probs_exit.argmax(1), probs_full.argmax(1)
 
     device = pick_device(config["device"])
-    encoder, head, _, backbone_labels = load_backbone_classifier(layout.backbone)
+    encoder, head, tokenizer, backbone_labels = load_backbone_classifier(layout.backbone)
     if backbone_labels != labels:
         raise ValueError(f"{layout.backbone / 'labels.json'}: labels {backbone_labels} differ from {labels}")
     backbone = BackboneClassifier(encoder, head).to(device)
@@ -187,6 +329,8 @@ def evaluate(config: dict) -> dict:
         "lambda_": router.lambda_,
         "wall_seconds": 0.0,
     }
+    if config["evaluate"]["real_questions"]:
+        metrics["real_questions"] = score_real_questions(config, layout, labels, router, backbone, tokenizer, device)
     plot_exit_layers(layout.evaluation / "exit_layers.png", labels, truth, exit_layer, n_layers)
     plot_confusions(layout.evaluation / "confusion.png", labels, {
         "router (early exit)": systems["router_early_exit"], "router (full depth)": systems["router_full_depth"],

@@ -58,6 +58,19 @@ class Layout:
         return self.dataset / "tokenized" / f"{name}.safetensors"
 
     @property
+    def kb_index(self) -> Path:
+        """Every expert's KB chunks in the encoder's space (retrieval routing and its teacher)."""
+        return self.dataset / "kb_index.safetensors"
+
+    @property
+    def states(self) -> Path:
+        """Per-layer pooled states of every dataset row under the frozen encoder (the states stage)."""
+        return self.results / "states"
+
+    def state_file(self, name: str) -> Path:
+        return self.states / f"{name}.safetensors"
+
+    @property
     def labels(self) -> Path:
         return self.dataset / "labels.json"
 

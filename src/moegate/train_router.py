@@ -15,13 +15,15 @@ early exit ran.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from moegate.dact import DactRouterModel, HeadConfig
+from moegate.dact import DactRouterModel, HeadConfig, exit_from_output
 from moegate.encoder import device as pick_device
 from moegate.io import read_json
 from moegate.layout import Layout
@@ -59,13 +61,16 @@ def validation_metrics(model: DactRouterModel, split: TokenSplit, lambda_: float
     with torch.no_grad():
         for batch in split.batches(batch_size):
             batch = to_device(batch, device)
-            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-            rows = len(labels)
-            out = model(ids, mask)
+            labels = batch["labels"]
+            if "states" in batch:  # cached states: the exit read off the all-layer output is the real one
+                out = model.forward_states(batch["states"])
+                probs, exit_layer = exit_from_output(out)
+            else:
+                out = model(batch["input_ids"], batch["attention_mask"])
+                probs, exit_layer = model.early_exit(batch["input_ids"], batch["attention_mask"])
             total, nll, ponder = model.loss(out, labels, lambda_)
-            full = out.log_a.argmax(-1)
-            probs, exit_layer = model.early_exit(ids, mask)
-            early = probs.argmax(-1)
+            full, early = out.log_a.argmax(-1), probs.argmax(-1)
+            rows = len(labels)
             totals["loss"] += total.item() * rows
             totals["nll"] += nll.item() * rows
             totals["ponder"] += ponder.item() * rows
@@ -85,97 +90,197 @@ def training_params(config: dict) -> dict:
     return {**section, "seed": config["seed"]}
 
 
+def build_model(config: dict, labels: list[str]) -> tuple[DactRouterModel, str]:
+    """The untrained router and the path its tokenizer comes from: the pretrained ``backbone.model``
+    for frozen and lpft (the encoder's own geometry), the fine-tuned ``backbone/`` for finetune."""
+    from transformers import AutoModel
+
+    from moegate.encoder import resolve_model
+
+    layout = Layout.from_config(config)
+    section = config["router"]
+    if section["encoder_mode"] == "finetune":
+        backbone_labels = read_json(layout.backbone / "labels.json")["labels"]
+        if backbone_labels != labels:
+            raise ValueError(f"{layout.backbone / 'labels.json'}: labels {backbone_labels} differ from "
+                             f"{layout.labels} {labels}; retrain the backbone on this dataset")
+        source = str(layout.backbone)
+    else:
+        source = resolve_model(config["backbone"]["model"])
+    encoder = AutoModel.from_pretrained(source)
+    seed_everything(int(config["seed"]))  # the DACT units' initial weights
+    return DactRouterModel(encoder, len(labels), HeadConfig(**section["head"])), source
+
+
+def _set_encoder_trainable(model: DactRouterModel, trainable: bool) -> None:
+    for p in model.encoder.parameters():
+        p.requires_grad_(trainable)
+
+
 def fit(config: dict, out_dir: str | Path | None = None, trial=None,
-        checkpoint_dir: str | Path | None = None, tuned: dict | None = None) -> dict:
+        checkpoint_dir: str | Path | None = None, tuned: dict | None = None, extra: dict | None = None) -> dict:
     """Train the DACT router with ``config["router"]`` (already overlaid with tuned values).
+
+    ``router.encoder_mode``: frozen = the pretrained encoder stays as it is and the DACT units train on
+    its cached states (``states/``, the probe: seconds an epoch); finetune = start from the fine-tuned
+    backbone and train everything on tokens; lpft = the probe first, then everything on tokens at the
+    encoder's (low) ``router.learning_rate`` (LP-FT, Kumar et al. 2022: a trained head first keeps
+    fine-tuning from distorting the pretrained features).
 
     ``out_dir``: write the router directory there (save_router). ``trial``: an optuna.Trial; the
     early-exit validation accuracy is reported each epoch (single-objective studies) and the trial may
-    be pruned. ``checkpoint_dir``: resume from / write a checkpoint there each epoch (deleted once
-    out_dir is written). ``tuned``: {study: tuning json} from apply_tuned, recorded in the metadata.
+    be pruned. ``checkpoint_dir``: resume the token training from / write a checkpoint there each epoch
+    (deleted once out_dir is written). ``tuned``: {study: tuning json}, recorded in the metadata.
     Returns {val_accuracy, val_accuracy_full_depth, val_mean_layers, val_nll, val_loss, epochs, curves}
     of the restored best epoch (accuracy and layers measured with the real early exit).
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from moegate.states import load_states, prototype_rows
 
     t0 = time.perf_counter()
     layout = Layout.from_config(config)
     section = config["router"]
+    mode = section["encoder_mode"]
     lambda_ = float(section["lambda_"])
     layer_weight = float(section["layer_loss_weight"])
+    teacher_weight = float(section["teacher_weight"])
     labels = read_labels(layout)
-    backbone_labels = read_json(layout.backbone / "labels.json")["labels"]
-    if backbone_labels != labels:
-        raise ValueError(f"{layout.backbone / 'labels.json'}: labels {backbone_labels} differ from "
-                         f"{layout.labels} {labels}; retrain the backbone on this dataset")
-    data = {s: load_tokens(layout.tokens(s)) for s in ("train", "val")}
-    settings = LoopSettings.from_section(section, config["seed"])
     device = pick_device(config["device"])
+    model, source = build_model(config, labels)
+    vocab = model.encoder.config.vocab_size
 
-    encoder = AutoModel.from_pretrained(layout.backbone)
-    for split in data.values():
-        check_tokens(split, len(labels), encoder.config.vocab_size, str(layout.backbone))
-    seed_everything(settings.seed)  # the DACT units' initial weights
-    head = HeadConfig(**section["head"])
-    model = DactRouterModel(encoder, len(labels), head).to(device)
-
-    def step(m: DactRouterModel, batch: dict) -> torch.Tensor:
-        out = m(batch["input_ids"], batch["attention_mask"])
-        total, _, _ = m.loss(out, batch["labels"], lambda_, layer_loss_weight=layer_weight)
+    def loss_of(m: DactRouterModel, out, batch: dict) -> torch.Tensor:
+        total, _, _ = m.loss(out, batch["labels"], lambda_, layer_loss_weight=layer_weight,
+                             teacher=batch.get("teacher"), teacher_weight=teacher_weight)
         return total
 
-    def validate(m: DactRouterModel) -> dict:
-        return validation_metrics(m, data["val"], lambda_, settings.batch_size, device)
-
-    checkpoint = None
-    if checkpoint_dir is not None:
-        checkpoint = Checkpoint(checkpoint_dir, fingerprint({
-            "stage": "router", "router": section, "seed": config["seed"], "labels": labels,
-            "backbone": file_digest(layout.backbone / "model.safetensors"),
-            "data": {s: file_digest(layout.tokens(s)) for s in data}}))
     hook = trial_reporter(trial, "val_accuracy") if trial is not None else None
-    result = train(model, data["train"], step, validate, settings, device, checkpoint, hook, desc="router")
+    results, sizes = [], {}
+    if mode in ("frozen", "lpft"):
+        states = {s: load_states(config, s) for s in ("train", "val")}
+        sizes = {s: len(d) for s, d in states.items()}
+        if model.head_config.classifier == "prototypes":
+            model.init_prototypes(*prototype_rows(states["train"]), seed=int(config["seed"]))
+        model.to(device)
+        _set_encoder_trainable(model, False)
+        probe = LoopSettings.from_section(section["probe"], config["seed"])
+        result = train(model, states["train"], lambda m, b: loss_of(m, m.forward_states(b["states"]), b),
+                       lambda m: validation_metrics(m, states["val"], lambda_, probe.batch_size, device),
+                       probe, device, None, hook if mode == "frozen" else None, desc="router probe")
+        results.append(("probe", result))
+    if mode in ("finetune", "lpft"):
+        data = {s: load_tokens(layout.tokens(s)) for s in ("train", "val")}
+        sizes = {s: len(d) for s, d in data.items()}
+        for split in data.values():
+            check_tokens(split, len(labels), vocab, source)
+        if mode == "finetune" and model.head_config.classifier == "prototypes":
+            from moegate.states import StateSplit, compute_states
 
+            kinds = pd.read_parquet(layout.split("train"), columns=["kind"])["kind"]
+            pooled = compute_states(model, data["train"], torch.device("cpu"), desc="prototype states")
+            model.init_prototypes(*prototype_rows(StateSplit(pooled, data["train"].labels,
+                                                             window=torch.tensor((kinds == "window").to_numpy()))),
+                                  seed=int(config["seed"]))
+        model.to(device)
+        _set_encoder_trainable(model, True)
+        settings = LoopSettings.from_section(section, config["seed"])
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = Checkpoint(checkpoint_dir, fingerprint({
+                "stage": "router", "router": section, "seed": config["seed"], "labels": labels,
+                "encoder": file_digest(Path(source) / "model.safetensors")
+                if (Path(source) / "model.safetensors").is_file() else source,
+                "data": {s: file_digest(layout.tokens(s)) for s in data}}))
+        result = train(model, data["train"], lambda m, b: loss_of(m, m(b["input_ids"], b["attention_mask"]), b),
+                       lambda m: validation_metrics(m, data["val"], lambda_, settings.batch_size, device),
+                       settings, device, checkpoint, hook, desc="router")
+        results.append(("finetune", result))
+    else:
+        checkpoint = None
+
+    result = results[-1][1]
     best = result.best
     summary = {k: best[k] for k in ("val_accuracy", "val_accuracy_full_depth", "val_mean_layers", "val_nll",
                                     "val_loss")}
-    summary.update(epochs=result.epochs_run, curves=result.curves)
+    curves = [{**row, "stage": stage} for stage, r in results for row in r.curves]
+    summary.update(epochs=sum(r.epochs_run for _, r in results), curves=curves)
     if out_dir is not None:
         from moegate.router import save_router
 
         tuned = tuned or {}
         wall = round(time.perf_counter() - t0, 3)
+        train_seconds = round(sum(r.train_seconds for _, r in results), 3)
         metadata = {
             "backbone_model": config["backbone"]["model"],
+            "encoder_mode": mode,
+            "encoder_source": source,
             "training": {**training_params(config), "device": str(device)},
             "lambda_": lambda_,
             "tuned": {s: t.get("params", {}) for s, t in tuned.items()},
             "studies": {s: t.get("study") for s, t in tuned.items()},
-            "dataset": {s: len(d) for s, d in data.items()},
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "dataset": sizes,
+            "best_epoch": result.best_epoch, "epochs_run": summary["epochs"],
             "stopped_early": result.stopped_early,
             "val": {k.removeprefix("val_"): v for k, v in best.items() if k.startswith("val_")},
             "parameters": count_parameters(model),
-            "train_seconds": round(result.train_seconds, 3), "wall_seconds": wall,
+            "train_seconds": train_seconds, "wall_seconds": wall,
         }
-        training = {"curves": result.curves, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        training = {"curves": curves, "best_epoch": result.best_epoch, "epochs_run": summary["epochs"],
                     "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
-                    "train_seconds": round(result.train_seconds, 3), "wall_seconds": wall}
-        save_router(out_dir, model, AutoTokenizer.from_pretrained(layout.backbone), labels,
+                    "train_seconds": train_seconds, "wall_seconds": wall, **(extra or {})}
+        _set_encoder_trainable(model, True)
+        save_router(out_dir, model, AutoTokenizer.from_pretrained(source), labels,
                     max_length=config["dataset"]["max_length"], lambda_=lambda_, metadata=metadata,
                     extra_json={"training.json": training}, abstain_below=section["abstain_below"])
-        log.info("router: val accuracy %.4f (full depth %.4f), mean exit layer %.2f of %d; wrote %s",
-                 summary["val_accuracy"], summary["val_accuracy_full_depth"], summary["val_mean_layers"],
+        log.info("router (%s encoder): val accuracy %.4f (full depth %.4f), mean exit layer %.2f of %d; wrote %s",
+                 mode, summary["val_accuracy"], summary["val_accuracy_full_depth"], summary["val_mean_layers"],
                  model.num_layers, out_dir)
         if checkpoint:
             checkpoint.delete()
     return summary
 
 
+def sweep_lambda(config: dict) -> dict:
+    """Choose λ on the validation split when no λ study chose one: fit a router for each value of
+    ``router.lambda_grid`` and apply the λ study's rule (fewest mean layers within
+    ``tuning.lambda.accuracy_tolerance`` of the best accuracy). Cheap with a frozen encoder.
+
+    Out: {grid, rows: [{lambda_, val_accuracy, val_mean_layers, ...}], chosen, rule}.
+    """
+    from moegate.tune import choose_lambda, pareto_front
+
+    rows = []
+    for i, value in enumerate(config["router"]["lambda_grid"]):
+        trial = copy.deepcopy(config)
+        trial["router"]["lambda_"] = float(value)
+        result = fit(trial)
+        rows.append({"trial": i, "lambda_": float(value),
+                     **{k: result[k] for k in ("val_accuracy", "val_mean_layers", "val_accuracy_full_depth",
+                                              "val_nll")}})
+        log.info("λ sweep: λ=%g → val accuracy %.4f, %.2f layers", value, result["val_accuracy"],
+                 result["val_mean_layers"])
+    tolerance = config["tuning"]["lambda"]["accuracy_tolerance"]
+    chosen = choose_lambda(rows, tolerance)
+    front = pareto_front([(r["val_accuracy"], r["val_mean_layers"]) for r in rows])
+    for i, r in enumerate(rows):
+        r["pareto"] = i in front
+    return {"grid": list(config["router"]["lambda_grid"]), "rows": rows, "chosen": chosen,
+            "accuracy_tolerance": tolerance,
+            "rule": "fewest val_mean_layers among values within accuracy_tolerance of the best val_accuracy"}
+
+
 def train_router(config: dict) -> dict:
-    """The rule: overlay every tuned study, train with a resumable checkpoint, write ``router/``."""
+    """The rule: overlay every tuned study (or sweep λ on val), train with a resumable checkpoint, write ``router/``."""
     layout = Layout.from_config(config)
     config, used = apply_tuned(config, TUNED_STUDIES)
     if used:
         log.info("router: tuned values %s", {s: t.get("params") for s, t in used.items()})
-    return fit(config, out_dir=layout.router, checkpoint_dir=layout.checkpoints / "router", tuned=used)
+    extra = None
+    if not used.get("lambda", {}).get("params") and config["router"]["lambda_grid"]:
+        sweep = sweep_lambda(config)  # λ is never a blind default: with no λ study, a sweep on val picks it
+        config["router"]["lambda_"] = sweep["chosen"]["lambda_"]
+        extra = {"lambda_sweep": sweep}
+        log.info("router: λ sweep chose λ=%g (val accuracy %.4f, %.2f layers)", sweep["chosen"]["lambda_"],
+                 sweep["chosen"]["val_accuracy"], sweep["chosen"]["val_mean_layers"])
+    return fit(config, out_dir=layout.router, checkpoint_dir=layout.checkpoints / "router", tuned=used, extra=extra)

@@ -44,6 +44,7 @@ class TokenSplit:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     source: str = "<memory>"
+    teacher: torch.Tensor | None = None  # (rows, K) the retrieval teacher's distribution, when the dataset has one
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -60,8 +61,11 @@ class TokenSplit:
         if drop_single and len(chunks) > 1 and len(chunks[-1]) == 1:
             chunks.pop()
         for idx in chunks:
-            yield trim_padding({"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
-                                "labels": self.labels[idx]})
+            batch = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
+                     "labels": self.labels[idx]}
+            if self.teacher is not None:
+                batch["teacher"] = self.teacher[idx]
+            yield trim_padding(batch)
 
     def num_batches(self, batch_size: int, drop_single: bool = False) -> int:
         n = math.ceil(len(self) / batch_size)
@@ -84,7 +88,8 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_tokens(path: str | Path) -> TokenSplit:
-    """Read ``dataset/tokenized/{split}.safetensors`` (input_ids, attention_mask, labels; int64)."""
+    """Read ``dataset/tokenized/{split}.safetensors`` (input_ids, attention_mask, labels: int64; teacher
+    (rows, K) float32 when the dataset stage wrote one)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -98,7 +103,10 @@ def load_tokens(path: str | Path) -> TokenSplit:
     if ids.ndim != 2 or ids.shape != mask.shape or labels.shape != (ids.shape[0],):
         raise ValueError(f"{path}: expected input_ids/attention_mask [rows, max_length] and labels [rows], got "
                          f"{tuple(ids.shape)}, {tuple(mask.shape)}, {tuple(labels.shape)}")
-    return TokenSplit(ids, mask, labels, source=str(path))
+    teacher = tensors.get("teacher")
+    if teacher is not None and (teacher.ndim != 2 or teacher.shape[0] != ids.shape[0]):
+        raise ValueError(f"{path}: teacher must be [rows, experts], got {tuple(teacher.shape)}")
+    return TokenSplit(ids, mask, labels, source=str(path), teacher=None if teacher is None else teacher.float())
 
 
 def file_digest(path: str | Path) -> str:
