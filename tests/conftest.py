@@ -112,8 +112,8 @@ def tiny_questions(per_expert: int = 24, seed: int = 0) -> list[tuple[str, str]]
 
 @pytest.fixture
 def tiny_run(tmp_path, tiny_bert_dir) -> dict:
-    """A validated config (tiny_bert_dir backbone, CPU, 2 epochs) whose results dir holds a real dataset
-    stage output for 72 labelled questions (moegate.dataset with dataset.labelled_csv)."""
+    """A validated config (tiny_bert_dir backbone, CPU, 2 epochs, the finetune router) whose results dir
+    holds a real dataset stage output for 72 labelled questions (moegate.dataset with dataset.labelled_csv)."""
     import csv
 
     from moegate.config import load
@@ -130,7 +130,8 @@ def tiny_run(tmp_path, tiny_bert_dir) -> dict:
         device="cpu",
         dataset={"labelled_csv": str(questions), "val_fraction": 0.2, "test_fraction": 0.2, "max_length": 24},
         backbone={"model": str(tiny_bert_dir), **loop},
-        router={"head": {"projection_dim": 16, "width": 16}, **loop, "lambda_": 0.01},
+        router={"head": {"projection_dim": 16, "width": 16}, **loop, "lambda_": 0.01, "encoder_mode": "finetune",
+                "lambda_grid": [], "probe": {"epochs": 3, "batch_size": 8}},
     )
     config = load(path)
     dataset(config)

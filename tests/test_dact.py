@@ -424,3 +424,80 @@ def test_inference_runs_in_eval_mode_and_restores_training():
     again = model.early_exit(ids, mask)  # dropout would make these differ
     torch.testing.assert_close(first[0], again[0])
     assert model.training
+
+
+# -- prototype units, cached states, the exit read off an all-layer output ---------------------------
+def prototype_model(arch="bert", layers=3, experts=3, seed=0, halting_bias=0.0, per_expert=4):
+    torch.manual_seed(seed)
+    head = HeadConfig(classifier="prototypes", prototypes=per_expert, prototype_top_k=2, width=16, pooling="mean")
+    model = DactRouterModel(tiny_encoder(arch, layers), experts, head)
+    gen = torch.Generator().manual_seed(seed)
+    ids, mask = batch([int(x) for x in torch.randint(2, 12, (30,), generator=gen)], gen)
+    labels = torch.arange(30) % experts
+    with torch.no_grad():
+        model.init_prototypes(model.states(ids, mask), labels, seed=seed)
+        for g in model.halting:  # random halting so rows exit at every layer
+            g.output.weight.copy_(torch.randn(g.output.weight.shape, generator=gen))
+            g.output.bias.fill_(halting_bias)
+    return model.eval()
+
+
+def test_prototype_init_centres_each_layer_and_uses_kmeans_centroids():
+    model = prototype_model(per_expert=4)
+    for n, head in enumerate(model.classifiers):
+        assert head.prototypes.shape == (3 * 4, 32)
+        torch.testing.assert_close(head.prototypes.norm(dim=1), torch.ones(12))
+        assert model.center[n].abs().sum() > 0  # set from the states
+    with pytest.raises(ValueError, match="prototype_top_k"):
+        HeadConfig(classifier="prototypes", prototypes=2, prototype_top_k=3)
+    with pytest.raises(ValueError, match="router.head.classifier"):
+        HeadConfig(classifier="knn")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_prototype_units_keep_early_exit_equal_to_full_depth(seed):
+    model = prototype_model(arch="bert" if seed % 2 else "distilbert", seed=seed, halting_bias=float(seed - 4))
+    gen = torch.Generator().manual_seed(100 + seed)
+    ids, mask = batch([int(x) for x in torch.randint(2, 12, (16,), generator=gen)], gen)
+    probs, layer = model.early_exit(ids, mask)
+    full, _ = model.full_depth(ids, mask)
+    top2 = full.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > TOL
+    assert (probs.argmax(-1)[clear] == full.argmax(-1)[clear]).all()
+
+
+@pytest.mark.parametrize("classifier", ["mlp", "prototypes"])
+def test_cached_states_give_the_same_output_and_exits_as_tokens(classifier):
+    from moegate.dact import exit_from_output
+
+    if classifier == "prototypes":
+        model = prototype_model(seed=3, halting_bias=-1.0)
+    else:
+        model = make_model(seed=3, halting_bias=-1.0, head=HeadConfig(projection_dim=16, width=16, pooling="mean"))
+    gen = torch.Generator().manual_seed(7)
+    ids, mask = batch([3, 9, 5, 11, 2, 7], gen)
+    with torch.no_grad():
+        from_tokens = model(ids, mask)
+        from_states = model.forward_states(model.states(ids, mask))
+    torch.testing.assert_close(from_states.a, from_tokens.a)
+    probs, layer = model.early_exit(ids, mask)
+    sim_probs, sim_layer = exit_from_output(from_states)
+    assert sim_layer.tolist() == layer.tolist()
+    torch.testing.assert_close(sim_probs, probs, atol=TOL, rtol=0)
+
+
+def test_teacher_term_is_the_kl_to_the_answer_and_every_exit():
+    model = prototype_model(seed=1)
+    gen = torch.Generator().manual_seed(2)
+    ids, mask = batch([4, 6, 8, 5], gen)
+    labels = torch.tensor([0, 1, 2, 0])
+    teacher = torch.softmax(torch.randn(4, 3, generator=gen), -1)
+    out = model(ids, mask)
+    base, _, _ = model.loss(out, labels, 0.1, layer_loss_weight=0.5)
+    total, _, _ = model.loss(out, labels, 0.1, layer_loss_weight=0.5, teacher=teacher, teacher_weight=2.0)
+
+    def kl(log_q):
+        return (teacher * (teacher.log() - log_q)).sum(-1).mean()
+
+    expected = kl(out.log_a) + 0.5 * torch.stack([kl(out.log_y[n]) for n in range(3)]).mean()
+    torch.testing.assert_close(total - base, 2.0 * expected)

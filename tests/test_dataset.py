@@ -47,7 +47,7 @@ def write_queries(
                 {
                     "query": f"Question {j} about {TOPICS[expert]} in context {k}?",
                     "cluster": k % 3,
-                    "context_id": f"{expert}/{k % 3}/{k}",
+                    "context_id": f"{expert}/{k % 3}/{k // 3}",  # synthesize's ids: cluster, then k-th context
                 }
             )
     for q in extra:
@@ -59,11 +59,28 @@ def write_queries(
     path = Layout(results).queries(expert)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(path, index=False)
+    write_kb(results, expert, contexts)
+
+
+def write_kb(results: Path, expert: str, chunks: int) -> None:
+    """kb/{expert}.parquet (a 4-d vector export: the retrieval index embeds its text again) and
+    clusters/{expert}.parquet as the ingest and cluster stages write them: one chunk per context."""
+    layout = Layout(results)
+    words = " ".join(f"{TOPICS[expert].split()[0]} note {i}" for i in range(15))
+    kb = pd.DataFrame({"id": [f"{expert}-{k}" for k in range(chunks)],
+                       "text": [f"Chunk {k} on {TOPICS[expert]}: {words}" for k in range(chunks)],
+                       "embedding": [np.full(4, 0.5, dtype=np.float32) for _ in range(chunks)], "source": "test"})
+    layout.kb(expert).parent.mkdir(parents=True, exist_ok=True)
+    kb.to_parquet(layout.kb(expert), index=False)
+    layout.clusters(expert).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"id": kb["id"], "cluster": [k % 3 for k in range(chunks)], "probability": 1.0}).to_parquet(
+        layout.clusters(expert), index=False)
 
 
 def make_config(tmp_path: Path, **dataset_keys) -> dict:
-    path = write_config(tmp_path, dataset=dataset_keys) if dataset_keys else write_config(tmp_path)
-    return load(path)
+    """The dataset section given; KB windows and the teacher off unless named (their own tests below)."""
+    dataset_keys = {"kb_windows": {"enabled": False}, "teacher": {"enabled": False}, **dataset_keys}
+    return load(write_config(tmp_path, dataset=dataset_keys))
 
 
 # -- cleaning -----------------------------------------------------------------------------------
@@ -212,7 +229,7 @@ def test_dataset_writes_splits_labels_tokens_and_report(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("all-MiniLM-L6-v2"))
     for s, f in splits.items():
         t = load_file(str(layout.tokens(s)))
-        assert set(t) == {"input_ids", "attention_mask", "labels"}
+        assert set(t) == {"input_ids", "attention_mask", "labels"}  # no teacher when it is off
         assert t["input_ids"].shape == t["attention_mask"].shape == (len(f), 16)
         assert all(v.dtype == torch.int64 for v in t.values())
         assert t["labels"].tolist() == f["label"].tolist()
@@ -386,3 +403,61 @@ def test_cli_runs_the_stage(tmp_path):
     result = CliRunner().invoke(app, ["dataset", "--config", str(path)])
     assert result.exit_code == 0, result.output
     assert Layout(tmp_path / "results").dataset_report.exists()
+
+
+# -- the knowledge bases as rows: windows and the retrieval teacher ---------------------------------
+def test_text_windows_cover_the_text():
+    from moegate.dataset import text_windows
+
+    words = [f"w{i}" for i in range(50)]
+    windows = text_windows(" ".join(words), 20, 10)
+    assert windows[0].split() == words[:20] and windows[-1].split()[-1] == "w49"
+    assert [len(w.split()) for w in windows] == [20, 20, 20, 20]
+    assert text_windows("short text", 20, 10) == ["short text"] and text_windows("   ", 20, 10) == []
+
+
+def test_windows_follow_their_context_and_the_teacher_scores_every_row(tmp_path):
+    results = tmp_path / "results"
+    for e, n in zip(EXPERTS, (12, 15, 9)):
+        write_queries(results, e, contexts=n)
+    config = load(write_config(  # a context a chunk, so windows and questions share context ids
+        tmp_path, synthesize={"context_tokens": 60},
+        dataset={"kb_windows": {"enabled": True, "words": 8, "stride": 4, "max_share": 0.5},
+                 "teacher": {"enabled": True, "top_k": 2, "temperature": 0.05, "drop_below": 0.0}}))
+    report = dataset(config)
+    layout = Layout(results)
+    splits = {s: pd.read_parquet(layout.split(s)) for s in SPLITS}
+    train = splits["train"]
+    windows = train[train["kind"] == "window"]
+    assert len(windows) > 0 and (windows["backend"] == "kb_window").all() and (windows["chunk"] >= 0).all()
+    for s in ("val", "test"):  # windows only train, and never from a held-out context
+        assert (splits[s]["kind"] == "question").all()
+        assert not set(windows["context_id"]) & set(splits[s]["context_id"])
+    assert report["dropped"]["window_held_out"] > 0
+    for e in EXPERTS:  # max_share 0.5: at most as many windows as questions per expert
+        part = train[train["expert"] == e]
+        assert (part["kind"] == "window").sum() <= (part["kind"] == "question").sum()
+    assert report["splits"]["train"]["kind"]["window"] == len(windows)
+    for s in SPLITS:
+        t = load_file(str(layout.tokens(s)))
+        assert t["teacher"].shape == (len(splits[s]), 3)
+        torch.testing.assert_close(t["teacher"].sum(1), torch.ones(len(splits[s])))
+    assert set(report["teacher"]["agreement"]) >= {"train_question", "train_window", "val_question"}
+    from moegate.retrieval import KBIndex
+
+    index = KBIndex.load(layout.kb_index)
+    assert index.labels == EXPERTS and len(index) == 12 + 15 + 9 and index.vectors.shape[1] == 384
+    torch.testing.assert_close(index.vectors.norm(dim=1), torch.ones(len(index)))
+
+
+def test_teacher_drop_below_removes_contradicted_training_questions(tmp_path):
+    results = tmp_path / "results"
+    wrong = [f"Question {i} about bar charts and bar charts?" for i in range(30)]  # dsci_vis_510's topic
+    for e, n in zip(EXPERTS, (12, 15, 9)):
+        write_queries(results, e, contexts=n, extra=wrong if e == "dsci_101" else ())
+    keep = dataset(make_config(tmp_path, teacher={"enabled": True, "drop_below": 0.0}))
+    drop = dataset(make_config(tmp_path, teacher={"enabled": True, "drop_below": 0.5}))
+    assert keep["dropped"]["teacher_disagrees"] == 0 < drop["dropped"]["teacher_disagrees"]
+    assert drop["splits"]["train"]["rows"] == keep["splits"]["train"]["rows"] - drop["dropped"]["teacher_disagrees"]
+    for key in ("rows", "per_expert"):  # only training questions are dropped
+        assert drop["splits"]["val"][key] == keep["splits"]["val"][key]

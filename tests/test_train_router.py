@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,80 @@ def test_backbone_trained_on_other_labels_is_a_clear_error(backbone_run):
     write_json(layout.backbone / "labels.json", {"labels": ["a", "b", "c"]})
     with pytest.raises(ValueError, match=r"backbone/labels\.json: labels \['a', 'b', 'c'\] differ"):
         fit(backbone_run)
+
+
+# -- the frozen encoder: cached states, prototype units, LP-FT, the λ sweep ------------------------------
+def _frozen(config: dict, **router) -> dict:
+    import copy
+
+    from moegate.states import states
+
+    config = copy.deepcopy(config)
+    config["router"].update({"encoder_mode": "frozen", **router})
+    config["router"]["head"].update({"classifier": "prototypes", "prototypes": 4, "prototype_top_k": 2})
+    states(config)
+    return config
+
+
+def test_frozen_router_trains_on_cached_states_and_keeps_the_pretrained_encoder(tiny_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from moegate.encoder import resolve_model
+    from moegate.states import load_states
+
+    config = _frozen(tiny_run)
+    layout = Layout.from_config(config)
+    train = load_states(config, "train")
+    assert train.states.shape[:2] == (3, len(load_tokens(layout.tokens("train"))))
+    summary = train_router(config)
+    assert summary["epochs"] >= 1 and 1.0 <= summary["val_mean_layers"] <= 3.0
+    saved = load_file(str(layout.router / "model.safetensors"))
+    pretrained = load_file(str(Path(resolve_model(config["backbone"]["model"])) / "model.safetensors"))
+    key = "embeddings.word_embeddings.weight"
+    torch.testing.assert_close(saved[f"encoder.{key}"], pretrained[key])  # the encoder did not move
+    meta = json.loads((layout.router / "config.json").read_text())["metadata"]
+    assert meta["encoder_mode"] == "frozen" and meta["dataset"]["train"] == len(train)
+    # the validation numbers read off cached states are what the saved router does on tokens
+    router = Router.from_pretrained(layout.router, device="cpu")
+    val = load_tokens(layout.tokens("val"))
+    probs, exits = router.predict_tokens(val.input_ids, val.attention_mask)
+    assert float((probs.argmax(1) == val.labels.numpy()).mean()) == pytest.approx(summary["val_accuracy"])
+    assert exits.mean() == pytest.approx(summary["val_mean_layers"], abs=1e-6)
+
+
+def test_stale_states_are_refused(tiny_run):
+    config = _frozen(tiny_run)
+    config["router"]["head"]["pooling"] = "mean" if config["router"]["head"]["pooling"] == "cls" else "cls"
+    with pytest.raises(ValueError, match="cached states do not match this run"):
+        fit(config)
+
+
+def test_lambda_sweep_chooses_by_the_tolerance_rule_and_is_recorded(tiny_run):
+    config = _frozen(tiny_run, lambda_grid=[0.0, 0.5, 2.0])
+    layout = Layout.from_config(config)
+    train_router(config)
+    training = json.loads((layout.router / "training.json").read_text())
+    sweep = training["lambda_sweep"]
+    assert [r["lambda_"] for r in sweep["rows"]] == [0.0, 0.5, 2.0]
+    best = max(r["val_accuracy"] for r in sweep["rows"])
+    within = [r for r in sweep["rows"] if r["val_accuracy"] >= best - sweep["accuracy_tolerance"] - 1e-12]
+    assert sweep["chosen"]["val_mean_layers"] == min(r["val_mean_layers"] for r in within)
+    assert json.loads((layout.router / "config.json").read_text())["lambda_"] == sweep["chosen"]["lambda_"]
+
+
+def test_lpft_probes_then_finetunes_the_encoder(tiny_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from moegate.encoder import resolve_model
+
+    config = _frozen(tiny_run, encoder_mode="lpft", epochs=1)
+    layout = Layout.from_config(config)
+    summary = train_router(config)
+    stages = [row["stage"] for row in summary["curves"]] if "curves" in summary else []
+    assert "probe" in stages and stages[-1] == "finetune"
+    saved = load_file(str(layout.router / "model.safetensors"))
+    pretrained = load_file(str(Path(resolve_model(config["backbone"]["model"])) / "model.safetensors"))
+    key = "embeddings.word_embeddings.weight"
+    assert not torch.equal(saved[f"encoder.{key}"], pretrained[key])  # the second stage moved the encoder

@@ -331,7 +331,7 @@ def apply_teacher(frame: pd.DataFrame, teacher: torch.Tensor, scores: torch.Tens
                   dropped: dict[str, int]) -> tuple[pd.DataFrame, torch.Tensor, dict]:
     """Drop the training questions whose teacher gives their own label less than ``drop_below``
     (``teacher_disagrees``); report how often retrieval routing agrees with the labels, per split and kind."""
-    labels = torch.as_tensor(frame["label"].to_numpy(dtype=np.int64))
+    labels = torch.tensor(frame["label"].to_numpy(dtype=np.int64))
     own = teacher.gather(1, labels[:, None]).squeeze(1).numpy()
     agree = (scores.argmax(1) == labels).numpy()
     report = {"agreement": {}, "drop_below": drop_below}

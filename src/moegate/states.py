@@ -7,7 +7,7 @@ units then train on the cache: an epoch, and a tuning trial, cost seconds instea
 
 In:  ``dataset/tokenized/{split}.safetensors`` (input_ids, attention_mask, labels, teacher?),
      ``backbone.model`` (the pretrained encoder) and ``router.head.pooling``.
-Out: ``states/{split}.safetensors``: ``states`` (N, rows, H) float16, ``labels`` (rows,), ``teacher``
+Out: ``states/{split}.safetensors``: ``states`` (N, rows, H) float32, ``labels`` (rows,), ``teacher``
      (rows, K) when the dataset has one, ``window`` (rows,) 1 for KB windows; metadata: encoder, pooling,
      and the digest of the tokens file it was computed from (a stale cache is refused on load).
 """
@@ -29,7 +29,7 @@ from moegate.training import TokenSplit, file_digest, load_tokens
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-STATE_DTYPE = torch.float16  # halves the cache; the units see float32 (cast on load)
+STATE_DTYPE = torch.float32  # what the router computes, exactly: validation on the cache = the router on tokens
 BATCH_SIZE = 128
 
 
@@ -114,7 +114,7 @@ def states(config: dict) -> dict:
         pooled = compute_states(model, tokens, device, desc=f"states {split}")
         frame = pd.read_parquet(layout.split(split), columns=["kind"])
         tensors = {"states": pooled.to(STATE_DTYPE).contiguous(), "labels": tokens.labels.contiguous(),
-                   "window": torch.from_numpy((frame["kind"] == "window").to_numpy()).to(torch.uint8)}
+                   "window": torch.tensor((frame["kind"] == "window").to_numpy(), dtype=torch.uint8)}
         teacher = _teacher(path)
         if teacher is not None:
             tensors["teacher"] = teacher.contiguous()
