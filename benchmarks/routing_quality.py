@@ -301,8 +301,12 @@ def train_recipe(args, recipe: Recipe, prepared: Prepared, out_dir: Path) -> Tra
 
     cfg = recipe_config(args, recipe, prepared)
     grid = args.lambda_grid if args.lambda_grid is not None else list(cfg["router"]["lambda_grid"])
+    sweeps = bool(grid) and (not recipe.token_training or args.sweep_all)
+    settings = copy.deepcopy(cfg["router"])  # the sweep below overwrites cfg's λ: stamp the inputs
+    if sweeps:
+        settings.pop("lambda_")  # chosen by the sweep, not an input
     stamp = {"recipe": recipe.name, "variant": prepared.variant.name, "results": str(prepared.results),
-             "router": cfg["router"], "seed": cfg["seed"], "grid": grid, "sweep_all": args.sweep_all}
+             "router": settings, "seed": cfg["seed"], "grid": grid if sweeps else None}
     bench = out_dir / BENCH_FILE
     if args.reuse_routers and bench.is_file():
         old = read_json(bench)
@@ -312,7 +316,7 @@ def train_recipe(args, recipe: Recipe, prepared: Prepared, out_dir: Path) -> Tra
 
     t0 = time.perf_counter()
     sweep = None
-    if grid and (not recipe.token_training or args.sweep_all):
+    if sweeps:
         progress(f"recipe {recipe.name}: λ sweep over {grid}")
         trial = copy.deepcopy(cfg)
         trial["router"]["lambda_grid"] = list(grid)
@@ -415,7 +419,8 @@ def variant_sizes(prepared: list[Prepared]) -> list[str]:
 
 def markdown(table: pd.DataFrame) -> str:
     cells = table.astype(object).where(table.notna(), None)  # blank, not nan, where a column does not apply
-    return cells.to_markdown(index=False, floatfmt=".3f", missingval="")
+    formats = tuple(".2g" if column.startswith("McNemar p") else ".3f" for column in table.columns)  # not 0.000
+    return cells.to_markdown(index=False, floatfmt=formats, missingval="")
 
 
 def render(args, prepared: list[Prepared], trained: list[Trained], table: pd.DataFrame, real_n: int,

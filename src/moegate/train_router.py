@@ -1,16 +1,19 @@
-"""Stage train_router: train the DACT router from the fine-tuned backbone and write ``router/``.
+"""Stage train_router: train the DACT router and write ``router/``.
 
-In: ``dataset/`` (tokenized splits, labels.json), ``backbone/`` (the fine-tuned encoder and its
-tokenizer) and the tuned values in ``tuning/{backbone,submodels,training,lambda}.json``.
+In: ``dataset/`` (tokenized splits with the retrieval teacher, labels.json), the encoder — the
+pretrained ``backbone.model`` with its cached per-layer states ``states/`` (``router.encoder_mode``
+frozen or lpft) or the fine-tuned ``backbone/`` (finetune) — and the tuned values in
+``tuning/{backbone,submodels,training,lambda}.json``.
 Out: ``router/`` through :func:`moegate.router.save_router`: config.json (backbone config, labels,
 head config, λ, exit rule, max length, training metadata, tuned values and study names),
-model.safetensors, the tokenizer, README.md and ``training.json`` (per-epoch curves).
+model.safetensors, the tokenizer, README.md and ``training.json`` (per-epoch curves, the λ sweep).
 
-Loss = NLL(log a_N) + λ · mean Σ_n p_n + β · mean_n NLL(log y_n) (:meth:`DactRouterModel.loss`,
-β = ``router.layer_loss_weight``); early stopping watches the validation value of the DACT part,
-NLL(log a_N) + λ · ponder, which is what the router is. Every epoch also records validation
-accuracy with the real per-sample early exit, at full depth, and the mean number of layers the
-early exit ran.
+Loss = NLL(log a_N) + λ · mean Σ_n p_n + β · mean_n NLL(log y_n) + w · [KL(t ‖ a_N) + β · mean_n KL(t ‖ y_n)]
+(:meth:`DactRouterModel.loss`; β = ``router.layer_loss_weight``, w = ``router.teacher_weight``, t = the
+retrieval teacher); early stopping watches the validation value of the DACT part, NLL(log a_N) +
+λ · ponder, which is what the router is. Every epoch also records validation accuracy with the real
+per-sample early exit, at full depth, and the mean number of layers the early exit ran. λ comes from
+the λ study, or, when it did not run, from a sweep of ``router.lambda_grid`` on val (:func:`sweep_lambda`).
 """
 
 from __future__ import annotations
