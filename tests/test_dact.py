@@ -459,7 +459,7 @@ def test_prototype_units_keep_early_exit_equal_to_full_depth(seed):
     model = prototype_model(arch="bert" if seed % 2 else "distilbert", seed=seed, halting_bias=float(seed - 4))
     gen = torch.Generator().manual_seed(100 + seed)
     ids, mask = batch([int(x) for x in torch.randint(2, 12, (16,), generator=gen)], gen)
-    probs, layer = model.early_exit(ids, mask)
+    probs, _ = model.early_exit(ids, mask)
     full, _ = model.full_depth(ids, mask)
     top2 = full.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > TOL

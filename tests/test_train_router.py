@@ -161,7 +161,7 @@ def test_lpft_probes_then_finetunes_the_encoder(tiny_run):
     config = _frozen(tiny_run, encoder_mode="lpft", epochs=1)
     layout = Layout.from_config(config)
     summary = train_router(config)
-    stages = [row["stage"] for row in summary["curves"]] if "curves" in summary else []
+    stages = [row["stage"] for row in summary["curves"]]
     assert "probe" in stages and stages[-1] == "finetune"
     saved = load_file(str(layout.router / "model.safetensors"))
     pretrained = load_file(str(Path(resolve_model(config["backbone"]["model"])) / "model.safetensors"))

@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
 
 from moegate.io import atomic_path, write_json
 from moegate.layout import Layout
-from moegate.training import TokenSplit, file_digest, load_tokens
+from moegate.training import TokenSplit, batch_indices, file_digest, load_tokens, num_batches
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +47,14 @@ class StateSplit:
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None,
                 drop_single: bool = False):
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        chunks = list(order.split(batch_size))
-        if drop_single and len(chunks) > 1 and len(chunks[-1]) == 1:
-            chunks.pop()
-        for idx in chunks:
+        for idx in batch_indices(len(self), batch_size, generator, drop_single):
             batch = {"states": self.states[:, idx], "labels": self.labels[idx]}
             if self.teacher is not None:
                 batch["teacher"] = self.teacher[idx]
             yield batch
 
     def num_batches(self, batch_size: int, drop_single: bool = False) -> int:
-        n = -(-len(self) // batch_size)
-        if drop_single and n > 1 and len(self) % batch_size == 1:
-            n -= 1
-        return n
+        return num_batches(len(self), batch_size, drop_single)
 
 
 def frozen_encoder(config: dict):
@@ -115,9 +106,8 @@ def states(config: dict) -> dict:
         frame = pd.read_parquet(layout.split(split), columns=["kind"])
         tensors = {"states": pooled.to(STATE_DTYPE).contiguous(), "labels": tokens.labels.contiguous(),
                    "window": torch.tensor((frame["kind"] == "window").to_numpy(), dtype=torch.uint8)}
-        teacher = _teacher(path)
-        if teacher is not None:
-            tensors["teacher"] = teacher.contiguous()
+        if tokens.teacher is not None:
+            tensors["teacher"] = tokens.teacher.contiguous()
         meta = {"encoder": config["backbone"]["model"], "pooling": model.head_config.pooling,
                 "tokens_digest": file_digest(path)}
         with atomic_path(layout.state_file(split)) as tmp:
@@ -127,13 +117,6 @@ def states(config: dict) -> dict:
     write_json(layout.states / "report.json", summary)
     log.info("states: %s in %.1f s", {s: v["rows"] for s, v in summary["splits"].items()}, summary["wall_s"])
     return summary
-
-
-def _teacher(tokens_path: Path) -> torch.Tensor | None:
-    from safetensors import safe_open
-
-    with safe_open(str(tokens_path), framework="pt") as f:
-        return f.get_tensor("teacher").float() if "teacher" in f.keys() else None
 
 
 def load_states(config: dict, split: str) -> StateSplit:

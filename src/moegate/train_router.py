@@ -159,7 +159,7 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
         return total
 
     hook = trial_reporter(trial, "val_accuracy") if trial is not None else None
-    results, sizes = [], {}
+    results, sizes, checkpoint = [], {}, None
     if mode in ("frozen", "lpft"):
         states = {s: load_states(config, s) for s in ("train", "val")}
         sizes = {s: len(d) for s, d in states.items()}
@@ -188,7 +188,6 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
         model.to(device)
         _set_encoder_trainable(model, True)
         settings = LoopSettings.from_section(section, config["seed"])
-        checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = Checkpoint(checkpoint_dir, fingerprint({
                 "stage": "router", "router": section, "seed": config["seed"], "labels": labels,
@@ -199,8 +198,6 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
                        lambda m: validation_metrics(m, data["val"], lambda_, settings.batch_size, device),
                        settings, device, checkpoint, hook, desc="router")
         results.append(("finetune", result))
-    else:
-        checkpoint = None
 
     result = results[-1][1]
     best = result.best

@@ -55,12 +55,7 @@ class TokenSplit:
 
         ``drop_single`` drops a trailing batch of one row (BatchNorm cannot train on it).
         """
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        chunks = list(order.split(batch_size))
-        if drop_single and len(chunks) > 1 and len(chunks[-1]) == 1:
-            chunks.pop()
-        for idx in chunks:
+        for idx in batch_indices(len(self), batch_size, generator, drop_single):
             batch = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
                      "labels": self.labels[idx]}
             if self.teacher is not None:
@@ -68,10 +63,26 @@ class TokenSplit:
             yield trim_padding(batch)
 
     def num_batches(self, batch_size: int, drop_single: bool = False) -> int:
-        n = math.ceil(len(self) / batch_size)
-        if drop_single and n > 1 and len(self) % batch_size == 1:
-            n -= 1
-        return n
+        return num_batches(len(self), batch_size, drop_single)
+
+
+def batch_indices(rows: int, batch_size: int, generator: torch.Generator | None = None,
+                  drop_single: bool = False) -> list[torch.Tensor]:
+    """Row indices of each batch: in order, or shuffled by ``generator``; every row once. ``drop_single``
+    drops a trailing batch of one row (BatchNorm cannot train on it). Shared by every split type."""
+    order = torch.randperm(rows, generator=generator) if generator is not None else torch.arange(rows)
+    chunks = list(order.split(batch_size))
+    if drop_single and len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks.pop()
+    return chunks
+
+
+def num_batches(rows: int, batch_size: int, drop_single: bool = False) -> int:
+    """How many batches :func:`batch_indices` gives."""
+    n = math.ceil(rows / batch_size)
+    if drop_single and n > 1 and rows % batch_size == 1:
+        n -= 1
+    return n
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
