@@ -1,6 +1,9 @@
 # moegate: build the gate of a Mixture of RAG experts from the experts' knowledge bases.
 #   snakemake --cores 2                                   # the embedded demo, on this machine
 #   snakemake --workflow-profile slurm_profile            # every heavy rule as a Slurm job
+import sys
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -9,6 +12,12 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# run from a checkout without installing
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from moegate.config import check_secrets
+
+# a secret in the config stops the run before anything is written, and before validate() could quote it
+check_secrets(config, source="snakemake config")
 validate(config, schema="workflow/schemas/config.schema.yaml")
 
 

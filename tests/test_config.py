@@ -61,3 +61,26 @@ def test_overrides_apply_before_validation(config_path):
     assert cfg["cluster"]["min_cluster_size"] == 7
     with pytest.raises(ConfigError, match="cluster.min_cluster_size"):
         load(config_path, overrides={"cluster.min_cluster_size": "x"})
+
+
+def test_urls_and_variable_names_without_secrets_pass(tmp_path):
+    from moegate.config import looks_like_secret
+
+    cfg = load(write_config(tmp_path, tuning={"storage": "postgresql+psycopg://bob@db:5432/x?sslmode=require"},
+                            synthesize={"openai": {"base_url": "http://127.0.0.1:8080/v1", "api_key_env": "MY_KEY"}}))
+    assert cfg["tuning"]["storage"].startswith("postgresql+psycopg://bob@")
+    assert not any(map(looks_like_secret, ["OPENAI_API_KEY", "MOEGATE_DB_PASSWORD", "_k", "HF_TOKEN"]))
+    assert all(map(looks_like_secret, ["sk-abc", "my key", "1ABC", "", "AIzaSyD3f", "x" * 20 + "aB3" * 5]))
+
+
+@pytest.mark.parametrize(("sections", "key"), [
+    ({"tuning": {"storage": "postgresql+psycopg://bob:hunter2@db/x"}}, "tuning.storage"),
+    ({"synthesize": {"openai": {"base_url": "https://user:hunter2@host/v1"}}}, "synthesize.openai.base_url"),
+    ({"synthesize": {"openai": {"api_key_env": "sk-hunter2"}}}, "synthesize.openai.api_key_env"),
+    # a schema error in the same section is not reported first: its message would quote the section
+    ({"tuning": {"storage": "postgresql+psycopg://bob:hunter2@db/x", "typo": 1}}, "tuning.storage"),
+])
+def test_a_secret_in_the_config_is_refused_without_echoing_it(tmp_path, sections, key):
+    with pytest.raises(ConfigError, match=key) as e:
+        load(write_config(tmp_path, **sections))
+    assert "hunter2" not in str(e.value)

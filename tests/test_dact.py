@@ -260,6 +260,145 @@ def test_exit_rule_by_hand():
     assert exit_condition(one_expert, torch.tensor([0.5, 0.9]).log(), 3).all()
 
 
+# -- the exit rule at its bound: built so that any weaker (or stronger) rule fails ----------------------
+# Random models rarely put a row near the bound (a rule weakened to d − 1 layers left, or without the ^d,
+# failed 1-2 of 30 random seeds). These rows sit on it: a_n and p_n chosen so the bound's margin
+# a_n[c*]·(1 − p_n)^d − a_n[c_ru] − d·p_n is 0, or ±MARGIN_STEP, for d = 1..5 layers left.
+MARGIN_STEP = 1e-5  # 100× the float32 rounding of the margin (~1e-7), far below what any change of the rule moves
+N_BOUND = 6  # layers of the built rows: the row decides at layer n = N − d
+
+
+def _distribution(leader: float, runner_up: float) -> list[float]:
+    """[leader, runner_up, rest...]: the rest split evenly into classes no larger than the runner-up."""
+    rest = 1.0 - leader - runner_up
+    if rest <= 1e-12:
+        return [leader, runner_up]
+    m = max(1, int(np.ceil(rest / runner_up - 1e-9)))
+    return [leader, runner_up] + [rest / m] * m
+
+
+def bound_rows() -> list[dict]:
+    """Rows (a_n, p, d, offset) whose exact margin is offset · MARGIN_STEP, offset in (−1, 0, 1)."""
+    rows = []
+    for d in range(1, N_BOUND):
+        for p in (1e-3, 0.01, 0.05, 0.1, 0.2, 0.3):
+            for runner_up in (0.01, 0.05, 0.1, 0.2, 0.3, 0.4):
+                at_bound = (runner_up + d * p) / (1 - p) ** d  # the leader that makes the margin exactly 0
+                shift = MARGIN_STEP / (1 - p) ** d
+                if not runner_up + 2 * shift <= at_bound <= 1 - runner_up - 2 * shift:
+                    continue  # no valid distribution has this leader
+                for offset in (-1, 0, 1):
+                    rows.append({"a": _distribution(at_bound + offset * shift, runner_up), "p": p, "d": d,
+                                 "offset": offset})
+    return rows
+
+
+def worst_case_rows() -> list[dict]:
+    """Rows that fail the bound, yet a rule weakened to d − 1 layers left, or without the ^d, would let
+    exit: with the worst continuation (every later layer all for the runner-up, never halting further)
+    their full-depth answer is the runner-up, a_N = (L·q, R·q + 1 − q, ...), q = (1 − p)^d."""
+    rows = []
+    for d in range(1, N_BOUND):
+        for p in (0.05, 0.1, 0.2, 0.3, 0.5):
+            for runner_up in (0.02, 0.05, 0.1, 0.2, 0.3, 0.45):
+                for leader in np.linspace(runner_up, 1 - runner_up, 12)[1:]:
+                    q = (1 - p) ** d
+                    flips_by = runner_up * q + 1 - q - leader * q
+                    weaker_exits = (leader * (1 - p) ** (d - 1) >= runner_up + (d - 1) * p
+                                    or leader * (1 - p) >= runner_up + d * p)
+                    if flips_by > 1e-3 and leader - runner_up > 1e-3 and weaker_exits:
+                        rows.append({"a": _distribution(float(leader), runner_up), "p": p, "d": d, "offset": -1})
+    return rows
+
+
+def bound_units(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log y (N, B, K), log h (N, B)) whose DACT recursion reaches each row's a_n and p at layer n = N − d,
+    then follows the worst continuation. Layers before n never halt (h = 1: p stays 1, a_k = y_k)."""
+    width = max(len(r["a"]) for r in rows)
+    target = torch.tensor([r["a"] + [0.0] * (width - len(r["a"])) for r in rows], dtype=torch.float64)
+    runner_up = torch.zeros_like(target)
+    runner_up[:, 1] = 1.0
+    log_y = torch.empty(N_BOUND, len(rows), width, dtype=torch.float64)
+    log_h = torch.zeros(N_BOUND, len(rows), dtype=torch.float64)
+    for i, r in enumerate(rows):
+        n = N_BOUND - r["d"]
+        log_y[:n, i] = target[i].clamp_min(1e-30).log()
+        log_y[n:, i] = runner_up[i].clamp_min(1e-30).log()
+        log_h[n - 1, i] = np.log(r["p"])
+    return log_y.float(), log_h.float()
+
+
+def bound_output(rows: list[dict]):
+    """The all-layer DactOutput of :func:`bound_units`, through the recursion moegate.dact runs."""
+    from moegate.dact import DactOutput, dact_step
+
+    log_y, log_h = bound_units(rows)
+    state, log_as, log_ps = None, [], []
+    for n in range(N_BOUND):
+        state = dact_step(log_y[n], log_h[n], state)
+        log_as.append(state[0])
+        log_ps.append(state[1])
+    log_a = torch.stack(log_as)
+    return DactOutput(log_a=log_a[-1], a=log_a.exp(), log_y=log_y, h=log_h.exp(), p=torch.stack(log_ps).exp())
+
+
+def test_exit_margin_is_the_bound_itself_at_the_bound():
+    rows = bound_rows()
+    assert len(rows) >= 300 and {r["d"] for r in rows} == {1, 2, 3, 4, 5}
+    for d in range(1, N_BOUND):
+        group = [r for r in rows if r["d"] == d]
+        width = max(len(r["a"]) for r in group)
+        log_a = torch.tensor([r["a"] + [0.0] * (width - len(r["a"])) for r in group]).clamp_min(1e-30).log()
+        log_p = torch.tensor([r["p"] for r in group]).log()
+        offset = torch.tensor([r["offset"] for r in group])
+        margin = exit_margin(log_a, log_p, d)
+        # the margin is the bound's, to float32 rounding: a rule with d − 1, without ^d, or any other change
+        # of the formula is off by far more than 2e-6 here
+        torch.testing.assert_close(margin, offset * MARGIN_STEP, atol=2e-6, rtol=0,
+                                   msg=lambda m, d=d: f"d={d}: exit_margin is not the DACT bound at the bound. {m}")
+        halt = exit_condition(log_a, log_p, d)
+        assert halt[offset == 1].all() and not halt[offset == -1].any(), f"d={d}"
+
+
+def test_early_exit_is_exact_at_the_bound_and_against_the_worst_continuation():
+    """Rows just over the bound leave at layer n and keep their answer though every later layer pushes the
+    runner-up; rows just under it (and the rows a weaker rule would let go) stay; every answer is the
+    full-depth answer. Checked on the all-layer output (cached states) and in the real layer-by-layer run."""
+    from moegate.dact import exit_from_output
+
+    near, worst = [r for r in bound_rows() if r["offset"] != 0], worst_case_rows()
+    rows = near + worst
+    assert len(worst) >= 200, len(worst)
+    out = bound_output(rows)
+    full = out.a[-1].argmax(-1)
+    n = torch.tensor([N_BOUND - r["d"] for r in rows])
+    over = torch.tensor([r["offset"] == 1 for r in rows])
+    assert (full[len(near):] == 1).all(), "the worst continuation must flip the worst-case rows"
+
+    probs, layer = exit_from_output(out)
+    assert (probs.argmax(-1) == full).all(), f"early answer differs on rows {(probs.argmax(-1) != full).nonzero()}"
+    assert (layer[over] == n[over]).all() and (layer[~over] > n[~over]).all()
+
+    # the same rows through DactRouterModel.early_exit: each row's units are looked up from its pooled state
+    model = make_model("bert", layers=N_BOUND, experts=out.a.shape[-1], head=HeadConfig(projection_dim=16,
+                                                                                         width=16, pooling="mean"))
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = batch([8] * len(rows), gen)
+    with torch.no_grad():
+        table = model.states(ids, mask).float()
+    assert min(float(torch.pdist(table[k]).min()) for k in range(N_BOUND)) > 1e-3, "rows must be told apart"
+    log_y, log_h = bound_units(rows)
+
+    def unit(k, pooled, log_y_given=None):
+        row = torch.cdist(pooled.float(), table[k - 1]).argmin(1)
+        return log_y[k - 1, row], log_h[k - 1, row]
+
+    model._unit = unit
+    probs, layer = model.early_exit(ids, mask)
+    assert (probs.argmax(-1) == full).all(), f"early answer differs on rows {(probs.argmax(-1) != full).nonzero()}"
+    assert (layer[over] == n[over]).all() and (layer[~over] > n[~over]).all()
+
+
 # -- early exit: exactness, batch independence, real savings -------------------------------------------
 @st.composite
 def cases(draw):

@@ -341,7 +341,10 @@ def test_labelled_csv_skips_bad_rows_and_makes_each_row_a_group(tmp_path):
         {"question": "How does dsci_101 topic 1 work?", "expert": " dsci_101 "},
     ]
     csv = write_csv(tmp_path / "labelled.csv", rows)
-    report = dataset(make_config(tmp_path, labelled_csv=str(csv)))
+    with pytest.raises(DatasetError, match=r"labelled\.csv: 1 of 35 row\(s\) name an expert not in config\.experts: "
+                                           r"'history' \(1 row\(s\), first in data row 32\)"):
+        dataset(make_config(tmp_path, labelled_csv=str(csv)))
+    report = dataset(make_config(tmp_path, labelled_csv=str(csv), drop_unknown_labels=True))
     assert report["source"] == "labelled_csv" and report["inputs"] == [str(csv)]
     assert report["rows_in"] == 35
     assert report["dropped"] == {"unknown_expert": 1, "empty": 1, "ambiguous": 2, "duplicate": 1,
@@ -461,3 +464,63 @@ def test_teacher_drop_below_removes_contradicted_training_questions(tmp_path):
     assert drop["splits"]["train"]["rows"] == keep["splits"]["train"]["rows"] - drop["dropped"]["teacher_disagrees"]
     for key in ("rows", "per_expert"):  # only training questions are dropped
         assert drop["splits"]["val"][key] == keep["splits"]["val"][key]
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_dataset_stage_leaves_the_previous_dataset_whole(tmp_path, monkeypatch):
+    import moegate.dataset as stage
+
+    results = tmp_path / "results"
+    for e, n in zip(EXPERTS, (12, 15, 9)):
+        write_queries(results, e, contexts=n)
+    config = make_config(tmp_path)
+    dataset(config)
+    before = _snapshot(Layout(results).dataset)
+    write_json = stage.write_json
+
+    def fail_at_report(path, obj):
+        if path.name == "report.json":
+            raise KeyboardInterrupt("killed")
+        write_json(path, obj)
+
+    monkeypatch.setattr(stage, "write_json", fail_at_report)
+    with pytest.raises(KeyboardInterrupt):
+        dataset({**config, "seed": 7})
+    assert _snapshot(Layout(results).dataset) == before
+    assert not [p.name for p in results.iterdir() if p.name.startswith(".")]  # its temporary directory is gone
+
+
+@pytest.mark.slow
+def test_a_killed_dataset_stage_leaves_the_previous_dataset_whole(tmp_path):
+    """SIGKILL after the new splits and tokens are written, before the report: dataset/ is still the old run's,
+    every file of it, never new splits beside an old report."""
+    from kills import run, run_and_kill
+
+    results = tmp_path / "results"
+    for e, n in zip(EXPERTS, (12, 15, 9)):
+        write_queries(results, e, contexts=n)
+    off = {"kb_windows": {"enabled": False}, "teacher": {"enabled": False}}
+    dataset(load(write_config(tmp_path, dataset=off)))
+    layout = Layout(results)
+    before = _snapshot(layout.dataset)
+    assert {"train.parquet", "report.json", "labels.json", "tokenized/test.safetensors"} <= set(before)
+
+    config = write_config(tmp_path, dataset=off, seed=7)  # other splits
+    hold_at_report = """
+import moegate.dataset as stage
+_write_json = stage.write_json
+def write_json(path, obj):
+    if path.name == "report.json":
+        pause_here()
+    return _write_json(path, obj)
+stage.write_json = write_json
+"""
+    run_and_kill(["dataset", "--config", str(config)], hold_at_report, tmp_path / "at-report", tmp_path / "killed.log")
+    assert _snapshot(layout.dataset) == before
+    run(["dataset", "--config", str(config)], tmp_path / "rerun.log")
+    after = _snapshot(layout.dataset)
+    assert set(after) == set(before) and after["test.parquet"] != before["test.parquet"]
+    assert json.loads(after["report.json"])["seed"] == 7

@@ -11,6 +11,8 @@ import torch
 from conftest import tiny_questions
 
 from moegate.evaluate import (
+    ExitMismatchError,
+    check_exit_exact,
     classification_metrics,
     evaluate,
     exit_statistics,
@@ -67,6 +69,7 @@ def test_evaluate_counts_every_test_row_and_agrees_with_full_depth(tiny_run):
     assert sum(early["histogram"].values()) == rows and list(early["histogram"]) == ["1", "2", "3"]
     assert 1.0 <= early["mean_layers"] <= 3.0
     assert written["agreement_early_exit_vs_full_depth"] == 1.0 and written["disagreements"] == 0
+    assert written["disagreements_at_float_ties"] == 0
     assert early["accuracy"] == written["router_full_depth"]["accuracy"]
     # each layer's own classifier, counted over every row (one big batch here vs 64-row batches there)
     from moegate.router import Router
@@ -89,6 +92,35 @@ def test_evaluate_rejects_test_files_that_disagree(tiny_run):
     frame.iloc[:-1].to_parquet(layout.split("test"), index=False)
     with pytest.raises(ValueError, match=r"test\.parquet \(\d+ rows\) and .*test\.safetensors"):
         evaluate(tiny_run)
+
+
+def test_check_exit_exact_counts_float_ties_apart():
+    full = np.array([[0.6, 0.3, 0.1], [0.5, 0.5 - 1e-7, 0.0], [0.2, 0.7, 0.1]])
+    same = full.copy()
+    assert check_exit_exact(same, full, "rows") == {"disagreements": 0, "disagreements_at_float_ties": 0}
+    tie_flipped = full.copy()
+    tie_flipped[1] = [0.4, 0.6, 0.0]  # row 1 is a float tie at full depth: either expert is its answer
+    assert check_exit_exact(tie_flipped, full, "rows") == {"disagreements": 1, "disagreements_at_float_ties": 1}
+    with pytest.raises(ExitMismatchError, match=r"different experts on 2 of 3 test rows \(rows 0, 2\)"):
+        check_exit_exact(full[:, [1, 0, 2]], full, "test rows")
+
+
+def test_evaluate_fails_when_early_exit_and_full_depth_disagree(tiny_run, monkeypatch):
+    from moegate.dact import DactRouterModel
+
+    layout = Layout.from_config(tiny_run)
+    _train(tiny_run)
+    full_depth = DactRouterModel.full_depth
+
+    def wrong_exit(self, input_ids, attention_mask):  # an exit rule that returns another expert for every row
+        probs, layers = full_depth(self, input_ids, attention_mask)
+        return probs.roll(1, dims=1), layers
+
+    monkeypatch.setattr(DactRouterModel, "early_exit", wrong_exit)
+    rows = len(pd.read_parquet(layout.split("test")))
+    with pytest.raises(ExitMismatchError, match=rf"different experts on {rows} of {rows} test rows"):
+        evaluate(tiny_run)
+    assert not (layout.router / "metrics.json").exists()
 
 
 def test_mcnemar_exact_by_hand():

@@ -97,9 +97,10 @@ def test_each_bad_row_reason_is_counted(tmp_path):
         {"id": "string-embedding", "text": "x", "embedding": "0.1, 0.2"},
         {"id": "word-in-embedding", "text": "x", "embedding": [0.1] * (DIM - 1) + ["a"]},
         {"id": "bool-embedding", "text": "x", "embedding": [True] * DIM},
+        {"id": "one-true-in-embedding", "text": "x", "embedding": [0.1] * (DIM - 1) + [True]},
         {"id": "nested-embedding", "text": "x", "embedding": [[0.1] * DIM]},
-        {"id": "short", "text": "x", "embedding": [0.1] * (DIM - 2)},
-        {"id": "long", "text": "x", "embedding": [0.1] * (DIM + 3)},
+        {"id": "huge-int", "text": "x", "embedding": [0.1] * (DIM - 1) + [10**400]},
+        {"id": "beyond-float32", "text": "x", "embedding": [0.1] * (DIM - 1) + [1e300]},
         {"id": "c0", "text": "duplicate of the first row", "embedding": [0.2] * DIM},
     ]
     path = tmp_path / "kb.jsonl"
@@ -114,21 +115,26 @@ def test_each_bad_row_reason_is_counted(tmp_path):
     assert report["rows_kept"] == 5 and report["dim"] == DIM
     assert report["skipped"] == {
         "duplicate_id": 1, "missing_embedding": 2, "missing_id": 2, "missing_text": 3,
-        "non_finite_embedding": 2, "non_numeric_embedding": 4, "wrong_dimension": 2,
+        "non_finite_embedding": 2, "non_numeric_embedding": 5, "out_of_range_embedding": 2,
     }
     assert set(report["skip_reasons"]) == set(report["skipped"])
-    assert report["skipped_examples"]["duplicate_id"] == ["line 19 (id 'c0')"]
+    assert report["skipped_examples"]["duplicate_id"] == ["line 20 (id 'c0')"]
+    assert "line 16 (id 'one-true-in-embedding')" in report["skipped_examples"]["non_numeric_embedding"]
+    assert report["skipped_examples"]["out_of_range_embedding"] == ["line 18 (id 'huge-int')",
+                                                                  "line 19 (id 'beyond-float32')"]
     assert "line 9" in report["skipped_examples"]["missing_id"]
     kb = _kb(config, "course")
     assert kb["id"].tolist() == [f"c{i}" for i in range(5)]
     assert kb.loc[0, "text"] == good[0]["text"]  # the first of two rows with one id wins
 
 
-def test_majority_dimension_decides(tmp_path):
+def test_embeddings_of_two_lengths_are_an_error(tmp_path):
     rows = _rows(3, dim=4) + [dict(r, id=f"w{i}") for i, r in enumerate(_rows(5, dim=6, seed=1))]
     config = _config(tmp_path, {"course": _write_jsonl(tmp_path / "kb.jsonl", rows)})
-    report = ingest(config, "course")
-    assert report["dim"] == 6 and report["rows_kept"] == 5 and report["skipped"] == {"wrong_dimension": 3}
+    with pytest.raises(IngestError, match=r"kb.jsonl: embeddings of 2 different lengths: 6 \(5 row\(s\), first at "
+                                          r"line 4\), 4 \(3 row\(s\), first at line 1\)"):
+        ingest(config, "course")
+    assert not Layout.from_config(config).kb_report("course").exists()
 
 
 def test_parquet_bad_rows_and_numpy_embeddings(tmp_path):
@@ -459,6 +465,6 @@ def test_cli_ingest_and_cluster_on_the_demo(tmp_path, config_path):
         assert summary["n_clusters"] >= 3 and summary["noise"]["policy"] == "attach"
         assert layout.cluster_plot(expert).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = runner.invoke(app, ["ingest", "--config", str(config_path), "--expert", "nobody"])
-    assert result.exit_code == 1  # a clear message on stderr, no traceback
-    assert "moegate ingest: expert 'nobody' is not in config.experts" in result.stderr
+    assert result.exit_code == 2  # a clear message on stderr, no traceback
+    assert "error: --expert 'nobody' is not in config.experts" in result.stderr
     assert "Traceback" not in result.output

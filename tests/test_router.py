@@ -289,3 +289,143 @@ def test_route_cli_names_a_broken_router_dir(saved, tmp_path):
     (path / "model.safetensors").unlink()
     result = CliRunner().invoke(app, ["route", "--router", str(path), "a question"])
     assert result.exit_code == 2 and "model.safetensors: missing" in result.output
+
+
+# -- damaged routers do not route --------------------------------------------------------------------
+def test_a_deleted_tokenizer_file_is_named_not_replaced_by_a_fallback(saved, tmp_path):
+    from moegate.router import RouterError
+
+    path = broken_copy(saved[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    assert "tokenizer.json" in config["tokenizer_files"] and config["tokenizer_vocab_size"] == 30522
+    (path / "tokenizer.json").unlink()  # HF would load a 5-token vocabulary: every word [UNK]
+    with pytest.raises(FileNotFoundError, match=r"router/tokenizer\.json: missing.*fall back") as err:
+        Router.from_pretrained(path, device="cpu")
+    assert isinstance(err.value, RouterError)
+
+
+def test_a_router_saved_without_the_tokenizer_record_still_checks_the_vocabulary(saved, tmp_path):
+    from moegate.router import RouterError
+
+    path = broken_copy(saved[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    del config["tokenizer_files"], config["tokenizer_vocab_size"]  # as saved before they were recorded
+    (path / "config.json").write_text(json.dumps(config))
+    assert Router.from_pretrained(path, device="cpu").route(["what is a p-value?"])[0].expert in LABELS
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(RouterError, match=rf"{path}: the tokenizer loaded from it has 5 tokens, the backbone's "
+                                          r"embedding rows 30522.*tokenizer_config\.json"):
+        Router.from_pretrained(path, device="cpu")
+
+
+def test_a_tokenizer_of_another_size_than_saved_is_refused(saved, tmp_path):
+    from moegate.router import RouterError
+
+    path = broken_copy(saved[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["tokenizer_vocab_size"] = 28996  # the tokenizer files were swapped for another model's
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RouterError, match=r"has 30522 tokens, config\.json records 28996"):
+        Router.from_pretrained(path, device="cpu")
+
+
+def test_save_refuses_a_tokenizer_larger_than_the_embeddings(tiny_bert_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    tokenizer.add_tokens(["p-value-token"])
+    with pytest.raises(ValueError, match="30523 tokens, the backbone only 30522 embedding rows"):
+        save_router(tmp_path / "router", build_model(tiny_bert_dir), tokenizer, LABELS, MAX_LENGTH, 0.05, {})
+    assert not (tmp_path / "router").exists()
+
+
+def test_nonfinite_weights_are_refused_naming_the_tensor(saved, tmp_path):
+    from moegate.router import RouterError
+
+    path = broken_copy(saved[0], tmp_path)
+    state = load_file(path / "model.safetensors")
+    state["halting.1.3.bias"] = torch.full_like(state["halting.1.3.bias"], float("nan"))
+    state["classifiers.0.3.weight"][0, :2] = float("inf")
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(RouterError, match=r"model\.safetensors: NaN or infinite values in tensor\(s\) "
+                                          r".*classifiers\.0\.3\.weight \(2 of 48 values\).*halting\.1\.3\.bias"):
+        Router.from_pretrained(path, device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["random tail", "one finite value"])
+def test_damaged_weight_bytes_are_refused(saved, tmp_path, damage):
+    from moegate.router import RouterError
+
+    path = broken_copy(saved[0], tmp_path)
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "random tail":
+        tail = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        data[-len(tail):] = tail
+    else:  # a value changed to another ordinary float: only the recorded sha256 can tell
+        data[-4:] = np.float32(0.125).tobytes()
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RouterError, match=r"model\.safetensors: (NaN or infinite values|its sha256 differs)"):
+        Router.from_pretrained(path, device="cpu")
+
+
+@pytest.mark.parametrize("rule,message", [
+    ({"name": "dact_bound_v2", "formula": "whatever"},
+     r"exit_rule 'dact_bound_v2' is not a rule this moegate implements \(known: 'dact_bound'\)"),
+    ("dact_bound", r"exit_rule 'dact_bound' has formula None"),
+    ({"name": "dact_bound", "formula": "a_n[c*] * (1 - p_n)^(d-1) >= a_n[c_ru] + (d-1) * p_n"},
+     r"exit_rule 'dact_bound' has formula .*\(d-1\).*but this moegate's dact_bound is"),
+    (None, r"exit_rule None is not a rule"),
+])
+def test_an_exit_rule_the_code_does_not_implement_is_refused(saved, tmp_path, rule, message):
+    from moegate.router import RouterError
+
+    path = broken_copy(saved[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["exit_rule"] = rule
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RouterError, match=rf"config\.json: {message}"):
+        Router.from_pretrained(path, device="cpu")
+
+
+def test_route_never_returns_nan(saved):
+    from moegate.router import RouterError
+
+    gate = Router.from_pretrained(saved[0], device="cpu")
+    with torch.no_grad():  # weights that pass the load but overflow: the outputs are checked too
+        gate.model.classifiers[1].output.bias.fill_(float("nan"))
+    texts = ODD_TEXTS + [f"question {i} about {w}" for i, w in enumerate(["data", "models", "plots"] * 4)]
+    _, layers = Router.from_pretrained(saved[0], device="cpu").predict(texts)
+    reached = [i for i, n in enumerate(layers) if n >= 2]  # rows that read the NaN layer-2 classifier
+    assert 0 < len(reached) < len(texts), layers
+    with pytest.raises(RouterError, match=rf"NaN or infinite probabilities for {len(reached)} of {len(texts)} rows"):
+        gate.route(texts, abstain_below=0.5)
+    results = gate.route([texts[i] for i in range(len(texts)) if i not in reached], abstain_below=0.5)
+    assert all(np.isfinite(r.probability) for r in results)
+
+
+def test_route_cli_refuses_a_damaged_router(saved, tmp_path):
+    from moegate.cli import app
+
+    path = broken_copy(saved[0], tmp_path)
+    state = load_file(path / "model.safetensors")
+    state["halting.0.3.bias"] = torch.full_like(state["halting.0.3.bias"], float("nan"))
+    save_file(state, path / "model.safetensors")
+    result = CliRunner().invoke(app, ["route", "--router", str(path), "--abstain-below", "0.5", "a question"])
+    assert result.exit_code == 2 and "halting.0.3.bias" in result.output and not result.stdout.strip()
+
+
+def test_a_save_swapped_in_while_loading_is_loaded_whole(tiny_bert_dir, tmp_path):
+    """Files read across a swap would mix two versions: the loader notices the new directory and loads again."""
+    path, _ = save(tiny_bert_dir, tmp_path / "router", lambda_=0.05)
+    real_load, calls = Router._load.__func__, []
+
+    def load_then_resave(cls, p, device):
+        router = real_load(cls, p, device)
+        calls.append(router.lambda_)
+        if len(calls) == 1:  # a new training run finishes while this one reads
+            save(tiny_bert_dir, path, lambda_=0.5)
+        return router
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Router, "_load", classmethod(load_then_resave))
+        gate = Router.from_pretrained(path, device="cpu")
+    assert calls == [0.05, 0.5] and gate.lambda_ == 0.5

@@ -61,7 +61,12 @@ def test_mask_url_hides_the_password():
 
 
 def test_a_password_in_the_config_is_refused_without_echoing_it(tmp_path):
-    config = _config(tmp_path, storage="postgresql+psycopg://alice:s3cret@db/optuna")
+    url = "postgresql+psycopg://alice:s3cret@db/optuna"
+    with pytest.raises(ConfigError, match="tuning.storage") as err:  # when the config loads: nothing written yet
+        _config(tmp_path, storage=url)
+    assert "s3cret" not in str(err.value)
+    config = _config(tmp_path)
+    config["tuning"]["storage"] = url  # a config changed after loading is checked again when the storage opens
     with pytest.raises(ConfigError, match="tuning.storage") as err:
         StorageSettings.from_config(config)
     assert "s3cret" not in str(err.value)

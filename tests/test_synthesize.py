@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from moegate.config import load
 from moegate.layout import Layout
 from moegate.questions import STOP_WORDS, OfflineQuestionWriter, clauses, key_terms
-from moegate.synthesize import QUERY_COLUMNS, build_contexts, synthesize
+from moegate.synthesize import QUERY_COLUMNS, SynthesizeError, build_contexts, synthesize
 
 KEY_ENV = "MOEGATE_TEST_KEY"
 SECRET = "sk-test-SECRET-7f3a9b2c4d5e6f708192"
@@ -86,7 +86,7 @@ def test_contexts_reject_ids_missing_from_the_kb():
 
 def test_missing_inputs_and_columns_are_named(tmp_path):
     config = load(write_config(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"kb/dsci_101\.parquet: missing \(run the ingest stage"):
+    with pytest.raises(SynthesizeError, match=r"kb/dsci_101\.parquet: missing \(run the ingest stage"):
         synthesize(config, EXPERT)
     write_inputs(config, EXPERT, ["a b c"], [0])
     pd.DataFrame({"id": ["dsci_101-0"]}).to_parquet(Layout.from_config(config).clusters(EXPERT))
@@ -242,5 +242,5 @@ def test_cli_names_the_missing_key_variable(tmp_path, monkeypatch):
     path = write_config(tmp_path, synthesize={"backend": "openai", "openai": {"api_key_env": KEY_ENV}})
     write_inputs(load(path), EXPERT, demo_texts(EXPERT, 2), [0, 0])
     result = CliRunner().invoke(app, ["synthesize", "--config", str(path), "--expert", EXPERT])
-    assert result.exit_code == 1
-    assert f"environment variable {KEY_ENV} is not set" in result.output
+    assert result.exit_code == 2
+    assert f"environment variable {KEY_ENV} is not set" in result.stderr

@@ -167,3 +167,140 @@ def test_lpft_probes_then_finetunes_the_encoder(tiny_run):
     pretrained = load_file(str(Path(resolve_model(config["backbone"]["model"])) / "model.safetensors"))
     key = "embeddings.word_embeddings.weight"
     assert not torch.equal(saved[f"encoder.{key}"], pretrained[key])  # the second stage moved the encoder
+
+
+def test_a_failed_states_stage_leaves_the_previous_cache_whole(tiny_run, monkeypatch):
+    import moegate.states as stage
+
+    config = _frozen(tiny_run)
+    layout = Layout.from_config(config)
+    before = {p.name: p.read_bytes() for p in layout.states.iterdir()}
+    assert set(before) == {"train.safetensors", "val.safetensors", "test.safetensors", "report.json"}
+    write_json_ = stage.write_json
+
+    def fail_at_report(path, obj):
+        if path.name == "report.json":
+            raise KeyboardInterrupt("killed")
+        write_json_(path, obj)
+
+    config["router"]["head"]["pooling"] = "mean"  # other states
+    monkeypatch.setattr(stage, "write_json", fail_at_report)
+    with pytest.raises(KeyboardInterrupt):
+        stage.states(config)
+    assert {p.name: p.read_bytes() for p in layout.states.iterdir()} == before
+    assert not [p.name for p in layout.results.iterdir() if p.name.startswith(".")]
+
+
+# -- resume: a stale checkpoint is never resumed; real kills resume to the uninterrupted result -------------
+@pytest.mark.parametrize("change", ["nothing", "lambda_ in the config", "tuned lambda_", "tuned learning_rate"])
+def test_a_checkpoint_is_resumed_only_by_the_run_it_belongs_to(backbone_run, change, caplog):
+    import logging
+    import shutil
+
+    layout = Layout.from_config(backbone_run)
+    checkpoints = layout.checkpoints / "router"
+    fit(backbone_run, checkpoint_dir=checkpoints)  # no out_dir: the checkpoint (after epoch 2 of 2) stays
+    assert (checkpoints / "checkpoint.pt").is_file()
+    config = dict(backbone_run, router=dict(backbone_run["router"]))
+    if change == "lambda_ in the config":
+        config["router"]["lambda_"] = 0.02
+    elif change == "tuned lambda_":
+        write_json(layout.tuned("lambda"), {"study": "moegate-lambda", "params": {"router.lambda_": 0.02}})
+    elif change == "tuned learning_rate":
+        write_json(layout.tuned("training"), {"study": "moegate-training", "params": {"router.learning_rate": 1e-3}})
+    caplog.set_level(logging.INFO, logger="moegate.training")
+    train_router(config)
+    training = json.loads((layout.router / "training.json").read_text())
+    if change == "nothing":  # the control: the same run picks its checkpoint up (here: nothing left to train)
+        assert training["resumed_from_epoch"] == 2 and "another config" not in caplog.text
+    else:
+        assert training["resumed_from_epoch"] == 0 and "is for another config or dataset" in caplog.text
+    assert not checkpoints.exists()
+    shutil.rmtree(layout.tuning, ignore_errors=True)
+
+
+def _router_result(results: Path) -> tuple[dict, list[dict]]:
+    from safetensors.torch import load_file
+
+    training = json.loads((results / "router" / "training.json").read_text())
+    return load_file(str(results / "router" / "model.safetensors")), training
+
+
+@pytest.mark.slow
+def test_train_router_killed_mid_epoch_and_mid_save_resumes_to_the_uninterrupted_result(backbone_run, tmp_path):
+    """`moegate train-router` (finetune) SIGKILLed in the middle of epoch 2, then again while writing epoch 2's
+    checkpoint, then run to the end: the router equals one from a run never interrupted (the checkpoint
+    holds weights, optimizer, scheduler and RNG state; batch order is seeded per epoch)."""
+    import shutil
+
+    import torch
+    import yaml
+    from kills import run, run_and_kill
+
+    layout = Layout.from_config(backbone_run)
+    straight = tmp_path / "straight" / "results"
+    shutil.copytree(layout.results, straight)  # the same dataset and backbone, byte for byte
+    configs = {}
+    for name, results in (("killed", layout.results), ("straight", straight)):
+        config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+        config["results"] = str(results)
+        config["router"]["epochs"] = 3
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(config))
+    run(["train-router", "--config", str(configs["straight"])], tmp_path / "straight.log")
+
+    checkpoint = layout.checkpoints / "router" / "checkpoint.pt"
+    mid_epoch_2 = """
+import moegate.training as loop
+saved = []
+_save = loop.Checkpoint.save
+def save(self, state):
+    _save(self, state)
+    saved.append(state["epoch"])
+loop.Checkpoint.save = save
+batches = []
+_to_device = loop.to_device
+def to_device(batch, device):
+    if saved == [1]:  # epoch 1 is checkpointed: count epoch 2's batches
+        batches.append(1)
+        if len(batches) == 3:
+            pause_here()
+    return _to_device(batch, device)
+loop.to_device = to_device
+"""
+    argv = ["train-router", "--config", str(configs["killed"])]
+    run_and_kill(argv, mid_epoch_2, tmp_path / "mid-epoch", tmp_path / "kill1.log")
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1 and not layout.router.exists()
+
+    half_written_save = """
+import io
+import torch
+_torch_save = torch.save
+def half_save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("epoch") == 2:  # epoch 2's checkpoint: write half of it, then hold
+        buffer = io.BytesIO()
+        _torch_save(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        pause_here()
+    return _torch_save(obj, f, *args, **kwargs)
+torch.save = half_save
+"""
+    run_and_kill(argv, half_written_save, tmp_path / "mid-save", tmp_path / "kill2.log")
+    assert "resuming after epoch 1" in (tmp_path / "kill2.log").read_text()
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1  # the half-written save never replaced it
+    assert [p.name for p in checkpoint.parent.glob(".checkpoint.pt.*.tmp")]  # the half-written file, as the kill left it
+    assert not layout.router.exists()
+
+    run(argv, tmp_path / "rerun.log")
+    weights, training = _router_result(layout.results)
+    want_weights, want_training = _router_result(straight)
+    assert training["resumed_from_epoch"] == 1 and want_training["resumed_from_epoch"] == 0
+    assert [r["epoch"] for r in training["curves"]] == [r["epoch"] for r in want_training["curves"]] == [1, 2, 3]
+    for got, want in zip(training["curves"], want_training["curves"]):
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_mean_layers", "learning_rate"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert set(weights) == set(want_weights)
+    for name in weights:
+        torch.testing.assert_close(weights[name], want_weights[name], rtol=0, atol=1e-6, msg=name)
+    assert not checkpoint.parent.exists()  # the finished run removed its checkpoint and the half-written one

@@ -186,3 +186,77 @@ def test_real_run_of_the_data_stages_on_the_demo(tmp_path):
     (results / "dataset" / "report.json").unlink()
     again = snakemake(target, "-n", "--cores", "2", "--config", f"results={results}")
     assert job_counts(again.stdout + again.stderr) == {"synthesize": 1, "dataset": 1}
+
+
+# -- secrets never reach a file -------------------------------------------------------------------
+KEY_CANARY = "sk-canary-7d1f0c9e5b3a4f26a8e1"
+PASSWORD_CANARY = "pw-canary-4b9e2d7a1c"
+
+
+def run_in(workdir: Path, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """snakemake on the repository's Snakefile with ``workdir`` as its working directory, so its
+    config.yaml, results/ and .snakemake/ all live there."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args],
+                          check=False, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def files_holding(root: Path, secret: str) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def small_demo(workdir: Path, rows: int = 24) -> dict:
+    """Two experts of ``rows`` demo chunks each (a vector export each: no encoder needed)."""
+    experts = {}
+    for name in DEMO_EXPERTS[:2]:
+        source = workdir / f"{name}.jsonl"
+        lines = (REPO / "data" / "demo" / f"{name}_data.jsonl").read_text().splitlines()[:rows]
+        source.write_text("\n".join(lines) + "\n")
+        experts[name] = {"source": str(source)}
+    return experts
+
+
+@pytest.mark.parametrize("section", [
+    {"tuning": {"storage": f"postgresql+psycopg://bob:{PASSWORD_CANARY}@db/x"}},
+    {"synthesize": {"openai": {"base_url": f"https://user:{KEY_CANARY}@host/v1"}}},
+    {"synthesize": {"openai": {"api_key_env": KEY_CANARY}}},
+], ids=["storage-password", "base-url-credentials", "key-in-api_key_env"])
+def test_a_secret_in_the_config_stops_a_dry_run_before_anything_is_written(tmp_path, section):
+    config = {"experts": small_demo(tmp_path, rows=2), **section}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = run_in(tmp_path, "-n", "--cores", "1")
+    key = next(iter(section)) + "." + next(iter(next(iter(section.values()))))
+    assert run.returncode != 0 and key in run.stdout + run.stderr, run.stdout + run.stderr
+    assert not (tmp_path / "results").exists()
+    for secret in (KEY_CANARY, PASSWORD_CANARY):
+        assert secret not in run.stdout + run.stderr
+        assert files_holding(tmp_path, secret) in ([], ["config.yaml"])
+
+
+def test_secrets_in_the_environment_reach_no_file_of_a_run(tmp_path):
+    """ingest → cluster → synthesize (openai, against the loopback stub) with the key and the database
+    password in the environment: the stub gets the key, and no file of results/ or .snakemake/ holds either."""
+    from llm_stub import StubLLM
+
+    with StubLLM() as stub:
+        config = {
+            "experts": small_demo(tmp_path),
+            "cluster": {"min_cluster_size": 3},
+            "synthesize": {"backend": "openai", "questions_per_context": 2, "context_tokens": 200,
+                           "openai": {"model": "stub-model", "base_url": stub.url, "concurrency": 2}},
+            "tuning": {"storage": "postgresql+psycopg://moegate@127.0.0.1:1/moegate"},
+        }
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        targets = [f"results/queries/{e}.parquet" for e in config["experts"]]
+        run = run_in(tmp_path, *targets, "--cores", "2", timeout=300,
+                     env={"OPENAI_API_KEY": KEY_CANARY, "MOEGATE_DB_PASSWORD": PASSWORD_CANARY})
+        assert run.returncode == 0, run.stderr[-4000:]
+        assert stub.count > 0 and set(stub.auth_headers) == {f"Bearer {KEY_CANARY}"}
+    for target in targets:
+        assert (tmp_path / target).is_file()
+    assert (tmp_path / ".snakemake" / "log").is_dir() and (tmp_path / "results" / "config.resolved.yaml").is_file()
+    for secret in (KEY_CANARY, PASSWORD_CANARY):
+        assert secret not in run.stdout + run.stderr
+        for folder in ("results", ".snakemake"):
+            assert files_holding(tmp_path / folder, secret) == [], (folder, secret)

@@ -13,20 +13,40 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from moegate.config import ConfigError, load
+from moegate.config import load
+from moegate.errors import MoegateError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="moegate: the gate of a Mixture of RAG experts.")
+EXIT_USER_ERROR = 2  # a MoegateError: a config key, an input file or row, a name; the message says which
+
+
+class _Commands(TyperGroup):
+    """The subcommands, with MoegateError caught once for all of them: one line on stderr, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MoegateError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="moegate: the gate of a Mixture of RAG experts.")
 
 ConfigOpt = typer.Option(Path("config.yaml"), "--config", "-c", help="run configuration (YAML)")
 
 
 def _config(path: Path) -> dict:
-    try:
-        return load(path)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
+    return load(path)
+
+
+def _expert(config: dict, name: str) -> str:
+    """``--expert``, checked against config.experts (MoegateError naming the known ones)."""
+    if name not in config["experts"]:
+        raise MoegateError(f"--expert {name!r} is not in config.experts (known: {', '.join(config['experts'])})")
+    return name
 
 
 @app.callback()
@@ -41,40 +61,28 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logg
 @app.command()
 def ingest(expert: str = typer.Option(..., help="expert name from config.experts"), config: Path = ConfigOpt) -> None:
     """Read one expert's knowledge base into kb/{expert}.parquet."""
-    from moegate.ingest import IngestError
     from moegate.ingest import ingest as run
 
-    try:
-        run(_config(config), expert)
-    except IngestError as e:  # a data problem: its message says what and where; no traceback
-        typer.echo(f"moegate ingest: {e}", err=True)
-        raise typer.Exit(1) from None
+    cfg = _config(config)
+    run(cfg, _expert(cfg, expert))
 
 
 @app.command()
 def cluster(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
     """PCA + HDBSCAN over one expert's chunk embeddings."""
-    from moegate.cluster import ClusterError
     from moegate.cluster import cluster as run
 
-    try:
-        run(_config(config), expert)
-    except ClusterError as e:
-        typer.echo(f"moegate cluster: {e}", err=True)
-        raise typer.Exit(1) from None
+    cfg = _config(config)
+    run(cfg, _expert(cfg, expert))
 
 
 @app.command()
 def synthesize(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
     """Write likely student questions for each context of one expert's clusters."""
-    from moegate.llm import LLMError
     from moegate.synthesize import synthesize as run
 
-    try:
-        run(_config(config), expert)
-    except LLMError as e:  # no key, key rejected, unknown model: a message, not a traceback
-        typer.echo(f"synthesize {expert}: {e}", err=True)
-        raise typer.Exit(1) from None
+    cfg = _config(config)
+    run(cfg, _expert(cfg, expert))
 
 
 @app.command()
@@ -113,8 +121,11 @@ def tune(
 ) -> None:
     """Run Optuna workers for one study, or create it, or collect its best values."""
     from moegate import tune as tuning
+    from moegate.layout import STUDIES
 
     cfg = _config(config)
+    if study not in STUDIES:
+        raise MoegateError(f"unknown study {study!r}; expected one of {', '.join(STUDIES)}")
     if collect:
         tuning.collect(cfg, study)
     elif create:
@@ -151,6 +162,8 @@ def route(
     """Route questions; print one JSON object per question."""
     from moegate.router import Router
 
+    for i, q in enumerate(questions, start=1):
+        _check_text(q, f"question {i}")
     try:
         gate = Router.from_pretrained(router)
         results = gate.route(questions, top_k=top_k, abstain_below=abstain_below)
@@ -159,6 +172,15 @@ def route(
         raise typer.Exit(2) from None
     for q, r in zip(questions, results):
         typer.echo(json.dumps({"question": q, **r.to_dict()}))
+
+
+def _check_text(text: str, where: str) -> None:
+    """MoegateError when ``text`` is not valid UTF-8 (bytes that are not UTF-8 reach argv as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MoegateError(f"{where}: not valid UTF-8 text (undecodable byte at character {e.start + 1}); "
+                           "pass UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def run() -> None:  # console-script entry point

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moegate.errors import MoegateError
 from moegate.io import save_figure, write_json, write_parquet
 from moegate.layout import Layout
 
@@ -36,7 +37,7 @@ NOISE = -1
 CENTROID_DIMS_STORED = 64  # centroids of wider embeddings are summarised by norm, not stored whole
 
 
-class ClusterError(ValueError):
+class ClusterError(MoegateError, ValueError):
     """The expert's KB cannot be clustered; the message names the file and what was expected."""
 
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import jsonschema
 import yaml
 
+from moegate.errors import MoegateError
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(MoegateError, ValueError):
     """A configuration file or value is invalid; the message names the key path."""
 
 
@@ -54,6 +58,7 @@ def _key_path(error: jsonschema.ValidationError) -> str:
 
 def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Validate ``config`` in place, filling defaults; raise ConfigError naming the key path."""
+    check_secrets(config, source)  # first: a schema error may quote the section that holds the secret
     sch = schema()
     cls = _with_defaults(jsonschema.validators.validator_for(sch))
     errors = sorted(cls(sch).iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -70,6 +75,82 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     if ds["val_fraction"] + ds["test_fraction"] >= 0.9:
         raise ConfigError(f"{source}: dataset.val_fraction + dataset.test_fraction must leave a training split")
     return cfg
+
+
+# -- secrets: they live in the environment, never in a config (which is copied to results/) -----------
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# prefixes of common API keys and tokens (OpenAI/Anthropic sk-, Google AIza, GitHub, Slack, Hugging Face)
+KEY_PREFIXES = ("sk-", "sk_", "AIza", "ghp_", "github_pat_", "xox", "hf_")
+# query parameters that carry a secret in a URL (libpq reads ?password=, some APIs take ?key=)
+SECRET_PARAMS = {"password", "pass", "pwd", "key", "api_key", "apikey", "api-key", "token", "access_token",
+                 "secret"}
+# keys that name an environment variable, with an example name
+ENV_KEYS = {
+    ("synthesize", "openai", "api_key_env"): "OPENAI_API_KEY",
+    ("tuning", "password_env"): "MOEGATE_DB_PASSWORD",
+}
+
+
+def looks_like_secret(name: str) -> bool:
+    """Whether ``name``, meant to name an environment variable, is no such name or looks like a key."""
+    if not ENV_NAME.fullmatch(name) or name.startswith(KEY_PREFIXES):
+        return True
+    # variable names are short words; a key is a long run of mixed-case letters and digits
+    return len(name) >= 32 and any(c.islower() for c in name) and any(c.isupper() for c in name) \
+        and any(c.isdigit() for c in name)
+
+
+def _url_secret(url: str, user_is_secret: bool) -> str | None:
+    """What secret ``url`` carries (a password, user info when ``user_is_secret``, a ?key= parameter), or None."""
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:  # a malformed port or netloc: let the stage that opens it say so
+        return None
+    if user_is_secret and (user or password):  # an HTTP API takes its key in a header, never in the URL
+        return "credentials (user:key@ before the host)"
+    if password:
+        return "a password (user:password@ before the host)"
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if name.lower() in SECRET_PARAMS:
+            return f"a ?{name}= parameter"
+    return None
+
+
+def _value(config: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    """The string at ``keys`` of a config that may not be validated yet (None when absent or not a string)."""
+    node: Any = config
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, str) else None
+
+
+def check_secrets(config: dict[str, Any], source: str = "config") -> None:
+    """Raise ConfigError when a config value holds a secret, without echoing it.
+
+    A database password in ``tuning.storage``, credentials in ``synthesize.openai.base_url``, or a key
+    pasted where the name of an environment variable belongs: the resolved config is written to
+    results/, so a secret in it would sit in a world-readable file. Works on a config before schema
+    validation (whose error messages may quote whole sections), so it runs first.
+    """
+    storage = _value(config, ("tuning", "storage"))
+    if storage and (what := _url_secret(storage, user_is_secret=False)):
+        raise ConfigError(
+            f"{source}: tuning.storage holds {what}; remove it from the URL "
+            f"(postgresql+psycopg://user@host:5432/db) and export the password in the environment variable "
+            f"named by tuning.password_env (default MOEGATE_DB_PASSWORD), or use PGPASSWORD / ~/.pgpass")
+    base_url = _value(config, ("synthesize", "openai", "base_url"))
+    if base_url and (what := _url_secret(base_url, user_is_secret=True)):
+        raise ConfigError(
+            f"{source}: synthesize.openai.base_url holds {what}; remove it from the URL and export the "
+            f"key in the environment variable named by synthesize.openai.api_key_env")
+    for keys, example in ENV_KEYS.items():
+        name = _value(config, keys)
+        if name is not None and looks_like_secret(name):
+            raise ConfigError(
+                f"{source}: {'.'.join(keys)}: expected the name of an environment variable (letters, digits "
+                f"and _, not starting with a digit, e.g. {example}); the value given is not one, or looks "
+                f"like a key itself (not shown): put the key in that variable, never in the config")
 
 
 def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -68,6 +68,7 @@ EXIT_RULE = {
     "formula": "a_n[c*] * (1 - p_n)^d >= a_n[c_ru] + d * p_n, d = N - n",
     "description": "halt sample after layer n when the top class of a_n cannot change in the d layers left",
 }
+EXIT_RULES = {EXIT_RULE["name"]: EXIT_RULE}  # the rules exit_condition implements, by the name config.json records
 
 # model_type -> how to reach (embeddings, layer list); all of these use the bidirectional mask helper
 _BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")

@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moegate.io import atomic_path, read_table, write_json, write_parquet
+from moegate.errors import MoegateError
+from moegate.io import atomic_dir, atomic_path, read_table, write_json, write_parquet
 from moegate.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ CSV_CLUSTER = -1  # a labelled CSV has no clusters
 MIN_GROUPS_FOR_ALL_SPLITS = 3
 
 
-class DatasetError(ValueError):
+class DatasetError(MoegateError, ValueError):
     """An input of the dataset stage is unusable; the message names the file and what was expected."""
 
 
@@ -85,11 +86,14 @@ def read_queries(config: dict, layout: Layout) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def read_labelled_csv(path: str | Path, experts: list[str]) -> tuple[pd.DataFrame, int]:
-    """A user's CSV → (rows in QUERY_COLUMNS form, count of rows skipped for an unknown expert).
+def read_labelled_csv(path: str | Path, experts: list[str], drop_unknown: bool = False) -> tuple[pd.DataFrame, int]:
+    """A user's CSV → (rows in QUERY_COLUMNS form, count of rows dropped for an unknown expert).
 
     Needs ``question`` and ``expert`` columns; a ``context_id`` column, when present, groups rows
     for the split (a blank one makes the row its own group); without it every row is its own group.
+    An expert label that is not in ``experts`` (compared exactly, after stripping spaces) is a
+    DatasetError listing every such label with its row count, unless ``drop_unknown``
+    (``dataset.drop_unknown_labels``) drops those rows.
     """
     path = Path(path)
     try:
@@ -122,12 +126,27 @@ def read_labelled_csv(path: str | Path, experts: list[str]) -> tuple[pd.DataFram
     )
     known = frame["expert"].isin(experts)
     unknown = int((~known).sum())
+    if unknown and not drop_unknown:
+        raise DatasetError(f"{path}: {unknown} of {len(frame)} row(s) name an expert not in config.experts: "
+                           f"{unknown_labels(frame.loc[~known, 'expert'], experts)}; fix the labels (they must "
+                           f"match exactly), or set dataset.drop_unknown_labels: true to drop those rows")
     if unknown:
-        names = sorted(set(frame.loc[~known, "expert"]))
-        log.warning(
-            "%s: skipped %d row(s) whose expert is not in config.experts: %s", path, unknown, names[:10]
-        )
+        log.warning("%s: dropped %d row(s) whose expert is not in config.experts (dataset.drop_unknown_labels): %s",
+                    path, unknown, unknown_labels(frame.loc[~known, "expert"], experts))
     return frame[known].reset_index(drop=True), unknown
+
+
+def unknown_labels(labels: pd.Series, experts: list[str], shown: int = 20) -> str:
+    """``'E1' (3 rows, first in data row 2), ...``: the unknown labels, most frequent first, with a
+    suggestion when one differs from an expert only in case."""
+    by_case = {e.casefold(): e for e in experts}
+    parts = []
+    for label, count in labels.value_counts().head(shown).items():
+        first = int(labels.index[labels == label][0]) + 1  # 1 = the first row after the header
+        hint = f", did you mean {by_case[label.casefold()]!r}?" if label.casefold() in by_case else ""
+        parts.append(f"{label!r} ({count} row(s), first in data row {first}{hint})")
+    more = labels.nunique() - shown
+    return ", ".join(parts) + (f" and {more} more label(s)" if more > 0 else "") + f" (known: {', '.join(experts)})"
 
 
 # -- cleaning -----------------------------------------------------------------------------------
@@ -401,28 +420,44 @@ def save_tensors(path: Path, tensors: dict) -> None:
 
 # -- the stage ----------------------------------------------------------------------------------
 def dataset(config: dict) -> dict:
-    """Run the dataset stage for a validated config; writes the files above and returns the report."""
-    started = time.perf_counter()
+    """Run the dataset stage for a validated config; writes the files above and returns the report.
+
+    Every file goes into a temporary sibling of ``dataset/`` that replaces it whole at the end, so a
+    killed stage never leaves new splits beside an old report (or an old KB index beside new splits)."""
     layout = Layout.from_config(config)
+    with atomic_dir(layout.dataset) as staged:
+        return _dataset(config, layout.staged(dataset_dir=staged))
+
+
+def _dataset(config: dict, layout: Layout) -> dict:
+    started = time.perf_counter()
     experts = list(config["experts"])
     ds = config["dataset"]
     dropped = {"unknown_expert": 0}
 
     if ds["labelled_csv"]:
         source, inputs = CSV_BACKEND, [str(ds["labelled_csv"])]
-        frame, dropped["unknown_expert"] = read_labelled_csv(ds["labelled_csv"], experts)
+        frame, dropped["unknown_expert"] = read_labelled_csv(ds["labelled_csv"], experts,
+                                                             ds["drop_unknown_labels"])
         rows_in = len(frame) + dropped["unknown_expert"]
     else:
         source, inputs = "synthesized", [str(layout.queries(e)) for e in experts]
         frame = read_queries(config, layout)
         rows_in = len(frame)
 
+    rows_per_expert = frame["expert"].value_counts()
     frame, counts = clean(frame)
     ambiguous_questions = counts.pop("ambiguous_questions")
     dropped.update(counts)
     if frame.empty:
         raise DatasetError(f"{', '.join(inputs)}: no usable questions left (dropped: {dropped})")
     check_groups(frame, ", ".join(inputs))
+    empty = [e for e in experts if not (frame["expert"] == e).any()]
+    if empty:  # it would stay in labels.json with no rows to learn it from
+        why = [f"{e!r} ({n} row(s) in, all empty, ambiguous or duplicates)" if (n := int(rows_per_expert.get(e, 0)))
+               else f"{e!r} (no rows in the input)" for e in empty]
+        raise DatasetError(f"{', '.join(inputs)}: no usable question left for expert(s) {', '.join(why)}; "
+                           "give them questions, or remove them from config.experts")
 
     label_of = {e: i for i, e in enumerate(experts)}
     frame["label"] = frame["expert"].map(label_of).astype("int64")
@@ -434,11 +469,9 @@ def dataset(config: dict) -> dict:
 
     groups_per_expert = frame.groupby("expert")["context_id"].nunique().reindex(experts, fill_value=0)
     few = {e: int(n) for e, n in groups_per_expert.items() if n < MIN_GROUPS_FOR_ALL_SPLITS}
-    for e, n in few.items():
-        where = (
-            "has no rows" if n == 0 else f"has only {n} context group(s), so it is missing from some splits"
-        )
-        log.warning("expert %s %s (needs >= %d for train, val and test)", e, where, MIN_GROUPS_FOR_ALL_SPLITS)
+    for e, n in few.items():  # n >= 1: an expert without rows failed above
+        log.warning("expert %s has only %d context group(s), so it is missing from some splits (needs >= %d for "
+                    "train, val and test)", e, n, MIN_GROUPS_FOR_ALL_SPLITS)
     for split in SPLITS:
         if not (frame["split"] == split).any():
             raise DatasetError(

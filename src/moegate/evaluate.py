@@ -8,7 +8,9 @@ Out: ``router/metrics.json`` and ``evaluation/exit_layers.png``, ``evaluation/co
 Three systems on the same rows: (a) the router with its per-sample early exit, (b) the same router
 forced to run all N layers, (c) the fine-tuned backbone classifier. For each: accuracy, macro-F1,
 per-expert recall and the confusion matrix; for (a) also the exit-layer histogram, the mean number of
-layers run, and how often (a) and (b) pick the same expert — 1.0 by the exit rule's guarantee.
+layers run, and how often (a) and (b) pick the same expert — 1.0 by the exit rule's guarantee: a row
+where they differ (other than at a float tie of full depth's top two) fails the stage
+(:class:`ExitMismatchError`), on the test split and on the real questions alike.
 
 With ``evaluate.real_questions`` (a CSV of real users' ``question,expert`` rows) the same is done on
 those rows under ``metrics["real_questions"]``, beside two baselines that need no router: retrieval
@@ -39,6 +41,29 @@ from moegate.training import TokenSplit, load_tokens, to_device
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 64  # inference only: larger batches just cost memory
+# full depth's top two this close are a float tie: the exit rule gives a_N[c*] ≥ a_N[c] up to rounding
+# (~1e-7), so at a tie either expert is the full-depth answer
+TIE_TOLERANCE = 1e-5
+
+
+class ExitMismatchError(RuntimeError):
+    """Early exit and full depth picked different experts: the exit rule's guarantee failed, a bug to look at."""
+
+
+def check_exit_exact(probs_exit: np.ndarray, probs_full: np.ndarray, where: str) -> dict:
+    """Raise ExitMismatchError naming how many rows of ``where`` pick another expert with the early exit
+    than at full depth, float ties of full depth's top two apart. Out: {"disagreements": rows that differ,
+    "disagreements_at_float_ties": how many of them are such ties}."""
+    differ = probs_exit.argmax(1) != probs_full.argmax(1)
+    top2 = -np.sort(-probs_full, axis=1)[:, :2] if probs_full.shape[1] > 1 else np.ones((len(probs_full), 2))
+    tie = (top2[:, 0] - top2[:, 1]) <= TIE_TOLERANCE
+    wrong = np.flatnonzero(differ & ~tie)
+    if wrong.size:
+        raise ExitMismatchError(
+            f"evaluate: early exit and full depth pick different experts on {wrong.size} of {len(differ)} {where} "
+            f"(rows {', '.join(str(int(i)) for i in wrong[:10])}{' ...' if wrong.size > 10 else ''}); the exit rule "
+            "guarantees the full-depth answer, so this is a bug in the exit rule or the layer-by-layer run")
+    return {"disagreements": int(differ.sum()), "disagreements_at_float_ties": int((differ & tie).sum())}
 
 
 def classification_metrics(labels: list[str], truth: np.ndarray, predicted: np.ndarray) -> dict:
@@ -244,8 +269,9 @@ def score_real_questions(config: dict, layout: Layout, labels: list[str], router
         "backbone": classify(backbone, tokens, EVAL_BATCH_SIZE, device).argmax(1).numpy(),
         "tfidf_logreg": tfidf_predictions(layout.split("train"), texts, config["seed"]),
     }
+    exact = check_exit_exact(probs_exit, probs_full, f"real questions ({path})")
     retrieval = retrieval_predictions(config, layout, labels, texts)
-    out = {"path": str(path), "rows": len(truth)}
+    out = {"path": str(path), "rows": len(truth), **exact}
     out.update({name: classification_metrics(labels, truth, pred) for name, pred in predicted.items()})
     out["router_early_exit"].update(exit_statistics(labels, truth, exit_layer, router.num_layers))
     out["agreement_early_exit_vs_full_depth"] = float((predicted["router_early_exit"]
@@ -309,9 +335,7 @@ def evaluate(config: dict) -> dict:
         "backbone": classification_metrics(labels, truth, pred_backbone),
     }
     agreement = float((pred_exit == pred_full).mean())
-    disagreements = int((pred_exit != pred_full).sum())
-    if disagreements:  # the exit rule guarantees the full-depth answer: a mismatch is a bug to look at
-        log.error("evaluate: early exit and full depth disagree on %d of %d test rows", disagreements, len(truth))
+    exact = check_exit_exact(probs_exit, probs_full, "test rows")
     exits = exit_statistics(labels, truth, exit_layer, n_layers)
     exits["layer_classifier_accuracy"] = layer_accuracies(router.model, test, EVAL_BATCH_SIZE, router.device)
     metrics = {
@@ -321,7 +345,7 @@ def evaluate(config: dict) -> dict:
         "router_full_depth": systems["router_full_depth"],
         "backbone": systems["backbone"],
         "agreement_early_exit_vs_full_depth": agreement,
-        "disagreements": disagreements,
+        **exact,
         "accuracy_gap_vs_backbone": systems["router_early_exit"]["accuracy"] - systems["backbone"]["accuracy"],
         "seconds": {"router_early_exit": round(seconds_exit, 3), "router_full_depth": round(seconds_full, 3),
                     "backbone": round(seconds_backbone, 3), "device": str(device),

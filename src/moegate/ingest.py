@@ -3,7 +3,8 @@
 An expert's ``source`` is either
 
 * a vector export — JSONL (one object a line), a JSON array of objects, or Parquet — whose rows carry
-  ``id``, ``text`` and ``embedding``; rows are validated and bad ones skipped and counted by reason; or
+  ``id``, ``text`` and ``embedding``; rows are validated and bad ones skipped and counted by reason
+  (embeddings of different lengths are an error: they cannot come from one encoder); or
 * a folder of documents (``.md``/``.markdown``/``.txt``/``.html``/``.htm``, searched recursively): each
   file is cleaned to plain text by :mod:`moegate.documents` (front matter, HTML tags, MathML, image
   links, kramdown attribute lists and link targets removed), cut into windows of encoder tokens that overlap, and embedded with the
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from moegate.documents import clean_document
 from moegate.encoder import embed, load_encoder
+from moegate.errors import MoegateError
 from moegate.io import atomic_path, write_json, write_parquet
 from moegate.layout import Layout
 
@@ -50,14 +52,14 @@ SKIP_REASONS = {
     "missing_id": "no id, or a blank one",
     "missing_text": "no text, blank text, or text that is not a string",
     "missing_embedding": "no embedding, or an empty one",
-    "non_numeric_embedding": "embedding is not a flat list of numbers",
+    "non_numeric_embedding": "embedding is not a flat list of numbers (a string, true/false, null, a nested list)",
     "non_finite_embedding": "embedding holds NaN or infinity",
-    "wrong_dimension": "embedding length differs from the expert's majority dimension",
+    "out_of_range_embedding": "embedding holds a number beyond float32's range (about 3.4e38)",
     "duplicate_id": "id already seen earlier in the export (the first one is kept)",
 }
 
 
-class IngestError(ValueError):
+class IngestError(MoegateError, ValueError):
     """A knowledge base cannot be read; the message names the expert, file and row where known."""
 
 
@@ -190,6 +192,10 @@ def _as_vector(value: Any) -> tuple[np.ndarray | None, str | None]:
     """(vector as float64, None) or (None, skip reason) for one raw embedding value."""
     if value is None or isinstance(value, (str, bytes, dict)):
         return None, "missing_embedding" if value is None else "non_numeric_embedding"
+    # item by item: numpy would quietly turn a JSON true/false beside floats into 1.0/0.0
+    if isinstance(value, list) and value and not all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
+        return None, "non_numeric_embedding"
     try:
         raw = np.asarray(value)
     except (TypeError, ValueError):  # ragged nesting
@@ -202,18 +208,25 @@ def _as_vector(value: Any) -> tuple[np.ndarray | None, str | None]:
         raw.dtype.kind == "O" and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw))
     if not numbers:  # strings, booleans, nulls, mixed objects
         return None, "non_numeric_embedding"
-    vector = raw.astype(np.float64)
+    try:
+        vector = raw.astype(np.float64)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        return None, "out_of_range_embedding"
     if not np.isfinite(vector).all():
         return None, "non_finite_embedding"
+    if (np.abs(vector) > np.finfo(np.float32).max).any():  # stored as float32: it would become infinity
+        return None, "out_of_range_embedding"
     return vector, None
 
 
-def validate_rows(rows: Iterable[ExportRow]) -> tuple[list[tuple[ExportRow, np.ndarray]], Counter, dict, int]:
+def validate_rows(rows: Iterable[ExportRow], source: str = "export") -> tuple[
+        list[tuple[ExportRow, np.ndarray]], Counter, dict, int]:
     """Keep the usable rows of an export.
 
     Returns (kept [(row, vector)], skipped counts by reason, up to EXAMPLES_PER_REASON row refs per
-    reason, majority dimension). The majority dimension is the most common embedding length among
-    rows that pass every other check (ties: the one seen first).
+    reason, the embedding dimension). Rows whose embeddings disagree on length are an IngestError
+    naming ``source``, each length, its row count and a first row: they come from different encoders
+    (or a broken export), and keeping the majority would quietly drop the rest of the knowledge base.
     """
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
@@ -239,13 +252,18 @@ def validate_rows(rows: Iterable[ExportRow]) -> tuple[list[tuple[ExportRow, np.n
         candidates.append((row, vector))
 
     dims = Counter(len(v) for _, v in candidates)
-    dim = dims.most_common(1)[0][0] if dims else 0
+    if len(dims) > 1:
+        first = {}
+        for row, vector in candidates:
+            first.setdefault(len(vector), row.ref)
+        lengths = ", ".join(f"{d} ({n} row(s), first at {first[d]})" for d, n in dims.most_common())
+        raise IngestError(f"{source}: embeddings of {len(dims)} different lengths: {lengths}; every row needs "
+                          "one length (one encoder): re-export the knowledge base")
+    dim = next(iter(dims), 0)
     kept, seen = [], set()
     for row, vector in candidates:
         key = str(row.id).strip()
-        if len(vector) != dim:
-            skip(row, "wrong_dimension")
-        elif key in seen:
+        if key in seen:
             skip(row, "duplicate_id")
         else:
             seen.add(key)
@@ -255,7 +273,7 @@ def validate_rows(rows: Iterable[ExportRow]) -> tuple[list[tuple[ExportRow, np.n
 
 def _ingest_export(path: Path, expert: str) -> tuple[pd.DataFrame, dict]:
     kind, rows = read_export(path)
-    kept, skipped, examples, dim = validate_rows(rows)
+    kept, skipped, examples, dim = validate_rows(rows, f"expert {expert!r}: {path}")
     report = {
         "expert": expert,
         "source": str(path),

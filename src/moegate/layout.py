@@ -6,6 +6,7 @@ run by hand writes exactly what the workflow expects.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +16,18 @@ STUDIES = ("backbone", "submodels", "training", "lambda")
 @dataclass(frozen=True)
 class Layout:
     results: Path
+    # a stage that writes a whole directory writes it into a temporary sibling that io.atomic_dir then
+    # swaps in; these point that stage's own directory there (see staged), every other path stays put
+    dataset_dir: Path | None = None
+    states_dir: Path | None = None
 
     @classmethod
-    def from_config(cls, config: dict) -> "Layout":
+    def from_config(cls, config: dict) -> Layout:
         return cls(Path(config.get("results", "results")))
+
+    def staged(self, **dirs: Path) -> Layout:
+        """This layout with ``dataset_dir`` / ``states_dir`` pointing at a stage's temporary directory."""
+        return dataclasses.replace(self, **dirs)
 
     # -- data stages --------------------------------------------------------------------------
     def kb(self, expert: str) -> Path:
@@ -49,7 +58,7 @@ class Layout:
 
     @property
     def dataset(self) -> Path:
-        return self.results / "dataset"
+        return self.dataset_dir or self.results / "dataset"
 
     def split(self, name: str) -> Path:
         return self.dataset / f"{name}.parquet"
@@ -65,7 +74,7 @@ class Layout:
     @property
     def states(self) -> Path:
         """Per-layer pooled states of every dataset row under the frozen encoder (the states stage)."""
-        return self.results / "states"
+        return self.states_dir or self.results / "states"
 
     def state_file(self, name: str) -> Path:
         return self.states / f"{name}.safetensors"

@@ -39,6 +39,8 @@ from typing import Any
 import jsonschema
 from tqdm import tqdm
 
+from moegate.config import looks_like_secret
+from moegate.errors import MoegateError
 from moegate.io import write_json
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ _BACKOFF_CAP_S = 30.0
 _ECHO_CHARS = 2000  # how much of a bad reply is shown back to the model when re-asking
 
 
-class LLMError(RuntimeError):
+class LLMError(MoegateError, RuntimeError):
     """A fault that every request would hit (no key, key rejected, unknown model): stop the stage."""
 
 
@@ -256,6 +258,12 @@ class _Redactor:
         return text.replace(self.secret, "***") if self.secret else text
 
 
+def key_variable(settings: OpenAISettings) -> str:
+    """``$api_key_env`` as messages may show it: the name, or a placeholder when the name looks like a key
+    (config validation rejects such a value; this keeps settings built by hand from echoing one)."""
+    return "<synthesize.openai.api_key_env>" if looks_like_secret(settings.api_key_env) else settings.api_key_env
+
+
 def resolve_api_key(settings: OpenAISettings) -> str:
     """The key from ``$api_key_env``; a placeholder when unset but a base_url server may need none."""
     value = os.environ.get(settings.api_key_env, "").strip()
@@ -263,10 +271,10 @@ def resolve_api_key(settings: OpenAISettings) -> str:
         return value
     if settings.base_url:
         log.info("environment variable %s is not set: sending a placeholder key to %s "
-                 "(fine for a server started without a key)", settings.api_key_env, settings.base_url)
+                 "(fine for a server started without a key)", key_variable(settings), settings.base_url)
         return PLACEHOLDER_KEY
     raise LLMError(
-        f"synthesize.openai: environment variable {settings.api_key_env} is not set; export the API key "
+        f"synthesize.openai: environment variable {key_variable(settings)} is not set; export the API key "
         f"there (keys are read only from the environment), or set synthesize.openai.base_url to a server "
         f"that needs none"
     )
@@ -409,7 +417,7 @@ class OpenAIQuestionWriter:
                 return reply
             except (oa.AuthenticationError, oa.PermissionDeniedError) as e:
                 raise LLMError(f"{self._where}: HTTP {e.status_code}: the server rejected the API key "
-                               f"from ${s.api_key_env}") from None
+                               f"from ${key_variable(s)}") from None
             except oa.NotFoundError as e:
                 raise LLMError(f"{self._where}: HTTP 404 for model {s.model!r}: "
                                f"{self._redact(_message(e))}") from None

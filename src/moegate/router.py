@@ -8,6 +8,12 @@ A router directory holds ``config.json`` (the backbone's HF config, labels, head
 rule, max length, training metadata), ``model.safetensors`` (the whole DactRouterModel state: encoder
 + DACT units), the tokenizer files, a ``README.md`` model card, and any extra JSON files the trainer
 adds (``training.json``). Loading uses safetensors only: no pickle, no ``torch.load``.
+
+A damaged directory does not route: loading refuses a missing tokenizer file (HF would silently fall
+back to a 5-token vocabulary and read every word as [UNK]), a tokenizer whose vocabulary is not the
+one saved, weights holding NaN or ±inf or differing from the sha256 recorded at save time, and an exit
+rule this code does not implement. Those errors are :class:`RouterError` (a MoegateError) naming the
+file, tensor or key.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import numpy as np
 import torch
 
 from moegate import __version__
-from moegate.dact import EXIT_RULE, DactRouterModel, HeadConfig
-from moegate.io import atomic_dir, read_json, write_json, write_text
+from moegate.dact import EXIT_RULE, EXIT_RULES, DactRouterModel, HeadConfig
+from moegate.errors import MoegateError
+from moegate.io import atomic_dir, pinned_dir, read_json, wait_for_swap, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,16 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 _RESERVED = {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}
+LOAD_ATTEMPTS = 3  # loads of a directory that an atomic_dir swap replaced mid-load, before giving up
+
+
+class RouterError(MoegateError, ValueError):
+    """A router directory that cannot route as it is: a damaged, mismatched or unknown file or key, or
+    outputs that are not probabilities. The message names the directory, file, tensor or key."""
+
+
+class RouterFileMissing(RouterError, FileNotFoundError):
+    """A file the router directory needs is not there; the message names it."""
 
 
 # -- saving ------------------------------------------------------------------------------------------
@@ -65,6 +82,10 @@ def save_router(
         if Path(name).name != name or not name.endswith(".json") or name in _RESERVED:
             raise ValueError(f"save_router: extra_json key {name!r} must be a plain *.json file name "
                              f"other than {sorted(_RESERVED)}")
+    rows = model.encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"save_router: the tokenizer has {len(tokenizer)} tokens, the backbone only {rows} "
+                         "embedding rows: not the backbone's tokenizer")
     config = {
         "moegate_router": FORMAT_VERSION,
         "moegate_version": __version__,
@@ -80,10 +101,18 @@ def save_router(
         "metadata": metadata,
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    bad = _nonfinite(state)
+    if bad:
+        raise ValueError(f"save_router: the model holds NaN or infinite values in {_first(bad)}")
     with atomic_dir(path) as tmp:
-        write_json(tmp / CONFIG_FILE, config)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        # what loading checks: a missing tokenizer file would make HF fall back to another vocabulary,
+        # and a weights file damaged into other finite values passes every other check
+        config["tokenizer_files"] = sorted(p.name for p in tmp.iterdir() if p.name not in _RESERVED)
+        config["tokenizer_vocab_size"] = len(tokenizer)
+        config["weights_sha256"] = _sha256(tmp / WEIGHTS_FILE)
+        write_json(tmp / CONFIG_FILE, config)
         for name, obj in (extra_json or {}).items():
             write_json(tmp / name, obj)
         write_text(tmp / CARD_FILE, _model_card(config))
@@ -136,7 +165,9 @@ class Router:
     """A loaded router: ``route`` for applications, ``predict`` / ``predict_tokens`` for evaluation."""
 
     def __init__(self, model: DactRouterModel, tokenizer, labels: list[str], max_length: int,
-                 config: dict | None = None, device: torch.device | str = "cpu"):
+                 config: dict | None = None, device: torch.device | str = "cpu",
+                 path: str | os.PathLike | None = None):
+        self.path = None if path is None else Path(path)  # the directory it was loaded from (for errors)
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
@@ -152,48 +183,84 @@ class Router:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Router:
-        """Load a directory written by :func:`save_router`. Missing or mismatched files are errors
-        that name the file (and the tensor keys)."""
+        """Load a directory written by :func:`save_router`. Missing, damaged or mismatched files are
+        errors that name the file (and the tensor keys): FileNotFoundError for a missing one,
+        :class:`RouterError` for the rest.
+
+        Every file is read from one version of the directory: when a new save is swapped in while this
+        reads (:func:`moegate.io.pinned_dir`), it loads again."""
+        path = Path(path)
+        for _ in range(LOAD_ATTEMPTS):
+            wait_for_swap(path)
+            with pinned_dir(path) as unchanged:
+                try:
+                    router = cls._load(path, device)
+                except (OSError, ValueError):
+                    if unchanged():
+                        raise
+                    continue  # a file of the old version vanished or mismatched mid-load: load the new one
+                if unchanged():
+                    return router
+            log.info("%s was replaced while it was being loaded; loading it again", path)
+        raise RouterError(f"{path}: replaced by a new save {LOAD_ATTEMPTS} times while loading; is a training "
+                          "job writing it in a loop?")
+
+    @classmethod
+    def _load(cls, path: Path, device: str | torch.device) -> Router:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"{path}: router directory not found")
+            raise RouterFileMissing(f"{path}: router directory not found")
         config = _read_router_config(path / CONFIG_FILE)
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: missing (a router directory stores its weights as safetensors)")
+            raise RouterFileMissing(f"{weights}: missing (a router directory stores its weights as safetensors)")
         if not (path / "tokenizer_config.json").is_file():
-            raise FileNotFoundError(f"{path / 'tokenizer_config.json'}: missing (the router's tokenizer files)")
+            raise RouterFileMissing(f"{path / 'tokenizer_config.json'}: missing (the router's tokenizer files)")
+        for name in config.get("tokenizer_files", []):
+            if not (path / name).is_file():
+                raise RouterFileMissing(
+                    f"{path / name}: missing, one of the tokenizer files saved with this router "
+                    f"({', '.join(config['tokenizer_files'])}); without it the tokenizer would fall back to "
+                    f"another vocabulary. Restore it from the training run or retrain the router")
 
         backbone = dict(config["backbone"])
         model_type = backbone.pop("model_type")
         try:
             encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **backbone))
         except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{path / CONFIG_FILE}: cannot rebuild backbone {model_type!r}: {e}") from e
+            raise RouterError(f"{path / CONFIG_FILE}: cannot rebuild backbone {model_type!r}: {e}") from e
         model = DactRouterModel(encoder, len(config["labels"]), HeadConfig(**config["head"]))
 
         try:
             state = load_file(str(weights), device="cpu")
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{weights}: not a readable safetensors file: {e}") from e
+            raise RouterError(f"{weights}: not a readable safetensors file: {e}") from e
         _check_state(weights, model.state_dict(), state)
+        bad = _nonfinite(state)
+        if bad:
+            raise RouterError(f"{weights}: NaN or infinite values in tensor(s) {_first(bad)}: the file is damaged "
+                              "(or training diverged); restore it or retrain the router")
+        digest = config.get("weights_sha256")
+        if digest is not None and _sha256(weights) != digest:
+            raise RouterError(f"{weights}: its sha256 differs from weights_sha256 in {CONFIG_FILE}, recorded when the "
+                              "router was saved: the file was damaged or replaced since; restore it or retrain")
         model.load_state_dict(state, strict=True)
         if model.num_layers != config["num_layers"]:
-            raise ValueError(f"{path / CONFIG_FILE}: num_layers {config['num_layers']} but the backbone has "
-                             f"{model.num_layers}")
+            raise RouterError(f"{path / CONFIG_FILE}: num_layers {config['num_layers']} but the backbone has "
+                              f"{model.num_layers}")
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+        _check_vocabulary(path, config, tokenizer, model)
         if getattr(tokenizer, "padding_side", "right") != "right":
             tokenizer.padding_side = "right"  # the model reads [CLS] at position 0
         from moegate.encoder import device as pick_device
 
         dev = pick_device(device) if device in ("auto", "cuda", "cpu") else torch.device(device)
         log.info("loaded router %s: %d experts, %d layers, on %s", path, len(config["labels"]), model.num_layers, dev)
-        return cls(model, tokenizer, config["labels"], config["max_length"], config=config, device=dev)
+        return cls(model, tokenizer, config["labels"], config["max_length"], config=config, device=dev, path=path)
 
     # -- predictions ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +308,11 @@ class Router:
             p, e = run(input_ids[idx].to(self.device), attention_mask[idx].to(self.device))
             probs[idx.numpy()] = p.float().cpu().numpy()
             exit_layer[idx.numpy()] = e.cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+        if bad.size:  # never hand on NaN: argmax would read it as expert 0, a threshold test as "not below"
+            raise RouterError(f"router {self.path or '(in memory)'}: NaN or infinite probabilities for {bad.size} of "
+                              f"{n} rows (rows {_first([int(i) for i in bad])}); its weights are damaged or "
+                              "overflow on these inputs")
         return probs, exit_layer
 
     def route(self, texts: Sequence[str], top_k: int | None = None, abstain_below: float | None = None,
@@ -261,7 +333,9 @@ class Router:
         for row, layer in zip(probs, exit_layer):
             ranked = np.argsort(-row, kind="stable")  # ties: the earlier label first, like argmax
             best = float(row[ranked[0]])
-            expert = None if threshold is not None and best < float(threshold) else self.labels[ranked[0]]
+            # "not ≥": anything that is not a probability at or above the threshold abstains
+            abstain = threshold is not None and not best >= float(threshold)
+            expert = None if abstain else self.labels[ranked[0]]
             results.append(RouteResult(
                 expert=expert,
                 probability=best,
@@ -304,20 +378,48 @@ def _check_texts(texts) -> list[str]:
 def _read_router_config(path: Path) -> dict:
     config = read_json(path)  # names the file when missing or not JSON
     if not isinstance(config, dict) or "moegate_router" not in config:
-        raise ValueError(f"{path}: not a moegate router config (no 'moegate_router' key; "
-                         "is this a backbone directory?)")
+        raise RouterError(f"{path}: not a moegate router config (no 'moegate_router' key; "
+                          "is this a backbone directory?)")
     if config["moegate_router"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: router format {config['moegate_router']!r}, this moegate reads {FORMAT_VERSION}")
+        raise RouterError(f"{path}: router format {config['moegate_router']!r}, this moegate reads {FORMAT_VERSION}")
     required = {"labels": list, "max_length": int, "num_layers": int, "head": dict, "backbone": dict}
     wrong = [f"key {key!r} must be a {kind.__name__}, got {config.get(key)!r}"
              for key, kind in required.items() if not isinstance(config.get(key), kind)]
     if wrong:
-        raise ValueError(f"{path}: " + "; ".join(wrong))
+        raise RouterError(f"{path}: " + "; ".join(wrong))
     if "model_type" not in config["backbone"]:
-        raise ValueError(f"{path}: key 'backbone' has no 'model_type'")
+        raise RouterError(f"{path}: key 'backbone' has no 'model_type'")
     if not config["labels"]:
-        raise ValueError(f"{path}: key 'labels' is empty")
+        raise RouterError(f"{path}: key 'labels' is empty")
+    _check_exit_rule(path, config.get("exit_rule"))
     return config
+
+
+def _check_exit_rule(path: Path, rule) -> None:
+    """The exit rule config.json records must be one :func:`moegate.dact.exit_condition` implements,
+    word for word: a router trained for another rule would exit where its training did not expect."""
+    name = rule.get("name") if isinstance(rule, dict) else rule
+    known = ", ".join(repr(k) for k in EXIT_RULES)
+    if not isinstance(name, str) or name not in EXIT_RULES:
+        raise RouterError(f"{path}: exit_rule {name!r} is not a rule this moegate implements (known: {known})")
+    formula = rule.get("formula") if isinstance(rule, dict) else None
+    if formula != EXIT_RULES[name]["formula"]:
+        raise RouterError(f"{path}: exit_rule {name!r} has formula {formula!r}, but this moegate's {name} is "
+                          f"{EXIT_RULES[name]['formula']!r}")
+
+
+def _check_vocabulary(path: Path, config: dict, tokenizer, model: DactRouterModel) -> None:
+    """The loaded tokenizer must be the saved one: its size as config.json records it (routers saved
+    before that was recorded: the backbone's embedding rows), and never more than the embedding rows."""
+    size = len(tokenizer)
+    rows = model.encoder.get_input_embeddings().num_embeddings
+    saved = config.get("tokenizer_vocab_size")
+    expected, source = (rows, "the backbone's embedding rows") if saved is None else (saved, f"{CONFIG_FILE} records")
+    if size != expected or size > rows:
+        files = ", ".join(sorted(p.name for p in path.iterdir() if p.name not in _RESERVED))
+        raise RouterError(f"{path}: the tokenizer loaded from it has {size} tokens, {source} {expected} "
+                          f"(embedding rows {rows}): its tokenizer files ({files}) are missing or not the "
+                          "ones it was trained with; restore them from the training run or retrain")
 
 
 def _check_state(file: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
@@ -334,7 +436,24 @@ def _check_state(file: Path, expected: dict[str, torch.Tensor], found: dict[str,
     if shapes:
         problems.append(f"mismatched shapes {_first(shapes)}")
     if problems:
-        raise ValueError(f"{file}: does not match the model described by config.json: " + "; ".join(problems))
+        raise RouterError(f"{file}: does not match the model described by config.json: " + "; ".join(problems))
+
+
+def _nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
+    """'name (k of n values)' for every floating tensor holding NaN or ±inf."""
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point():
+            count = int((~torch.isfinite(t)).sum())
+            if count:
+                bad.append(f"{name} ({count} of {t.numel()} values)")
+    return bad
+
+
+def _sha256(path: Path) -> str:
+    from moegate.training import file_digest
+
+    return file_digest(path)
 
 
 def _first(items: list[str], n: int = 5) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from moegate.io import atomic_path, write_json
+from moegate.io import atomic_dir, atomic_path, write_json
 from moegate.layout import Layout
 from moegate.training import TokenSplit, batch_indices, file_digest, load_tokens, num_batches
 
@@ -85,7 +85,14 @@ def compute_states(model, split: TokenSplit, device: torch.device, batch_size: i
 
 
 def states(config: dict) -> dict:
-    """The rule: write ``states/{split}.safetensors`` for every split; returns a summary."""
+    """The rule: write ``states/{split}.safetensors`` for every split and ``states/report.json``, all
+    into a temporary sibling of ``states/`` that replaces it whole at the end; returns a summary."""
+    layout = Layout.from_config(config)
+    with atomic_dir(layout.states) as staged:
+        return _states(config, layout.staged(states_dir=staged))
+
+
+def _states(config: dict, layout: Layout) -> dict:
     from safetensors.torch import save_file
 
     from moegate.dact import DactRouterModel, HeadConfig
@@ -93,7 +100,6 @@ def states(config: dict) -> dict:
     from moegate.train_backbone import read_labels
 
     t0 = time.perf_counter()
-    layout = Layout.from_config(config)
     labels = read_labels(layout)
     device = pick_device(config["device"])
     encoder = frozen_encoder(config)

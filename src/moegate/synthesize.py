@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from moegate.errors import MoegateError
 from moegate.io import read_table, write_json, write_parquet
 from moegate.layout import Layout
 from moegate.llm import Outcome
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 QUERY_COLUMNS = ["query", "expert", "cluster", "context_id", "backend", "model"]
 TRANSIENT_FAILURES = ("rate_limited", "server_error", "timeout", "connection_error", "malformed_response")
 _FAILURES_LISTED = 20  # failed contexts named in the report (the counts cover all of them)
+
+
+class SynthesizeError(MoegateError, ValueError):
+    """The expert's KB or cluster table cannot be used; the message names the file and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -55,13 +60,13 @@ def build_contexts(kb: pd.DataFrame, clusters: pd.DataFrame, expert: str, contex
     """
     if kb["id"].duplicated().any():
         dup = kb.loc[kb["id"].duplicated(), "id"].iloc[0]
-        raise ValueError(f"{kb_path}: duplicate id {dup!r}; ids must be unique")
+        raise SynthesizeError(f"{kb_path}: duplicate id {dup!r}; ids must be unique")
     order = pd.Series(range(len(kb)), index=kb["id"].astype(str))
     ids = clusters["id"].astype(str)
     unknown = ids[~ids.isin(order.index)]
     if len(unknown):
-        raise ValueError(f"{clusters_path}: {len(unknown)} id(s) not in {kb_path}, e.g. {unknown.iloc[0]!r}; "
-                         "was the cluster stage run on another knowledge base?")
+        raise SynthesizeError(f"{clusters_path}: {len(unknown)} id(s) not in {kb_path}, e.g. {unknown.iloc[0]!r}; "
+                              "was the cluster stage run on another knowledge base?")
     texts = kb["text"].astype(str).to_numpy()
     table = pd.DataFrame({"id": ids, "cluster": clusters["cluster"].astype(int),
                           "row": order[ids].to_numpy()})
@@ -142,12 +147,15 @@ def synthesize(config: dict[str, Any], expert: str) -> dict[str, Any]:
     n = int(section["questions_per_context"])
     layout = Layout.from_config(config)
     kb_path, clusters_path = layout.kb(expert), layout.clusters(expert)
-    kb = read_table(kb_path, ["id", "text"], "run the ingest stage first")
-    clusters = read_table(clusters_path, ["id", "cluster"], "run the cluster stage first")
+    try:
+        kb = read_table(kb_path, ["id", "text"], "run the ingest stage first")
+        clusters = read_table(clusters_path, ["id", "cluster"], "run the cluster stage first")
+    except (FileNotFoundError, ValueError) as e:  # the message names the file
+        raise SynthesizeError(str(e)) from None
     contexts = build_contexts(kb, clusters, expert, int(section["context_tokens"]),
                               str(kb_path), str(clusters_path))
     if not contexts:
-        raise ValueError(f"{clusters_path}: no chunk with text for expert {expert!r}; nothing to ask about")
+        raise SynthesizeError(f"{clusters_path}: no chunk with text for expert {expert!r}; nothing to ask about")
     log.info("%s: %d contexts from %d chunks in %d clusters", expert, len(contexts),
              sum(len(c.chunk_ids) for c in contexts), len({c.cluster for c in contexts}))
 

@@ -276,6 +276,8 @@ class Checkpoint:
 
     def delete(self) -> None:
         self.path.unlink(missing_ok=True)
+        for partial in self.directory.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # a save a killed attempt left half-written
+            partial.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # only when empty; other files are not ours
             self.directory.rmdir()
 
