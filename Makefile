@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow test-slurm lint clean
+.PHONY: demo test test-slow test-slurm test-llm lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,10 +27,17 @@ test: $(STAMP)
 	tests/services/install.sh
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
 
-# the whole DAG on a real single-node Slurm, a scancel mid-trial and the resume (~8 min)
+# the whole DAG on a real single-node Slurm, a scancel mid-trial and the resume (~8 min), and the
+# SIGKILL-and-resume tests of the dataset and train_router stages (~1 min): every slow test but the LLM's
 test-slurm: $(STAMP)
 	tests/services/install.sh
-	$(PY) -m pytest -m "slurm and slow"; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -m slow --ignore tests/test_llm_server.py; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
+
+# the openai backend against a real llama.cpp server (SmolLM2-135M); builds llama-cpp-python into wheels/
+# the first time (~4 min of CPU); the test itself takes ~15 s
+test-llm: $(STAMP)
+	tests/services/llama_server_wheel.sh $(PY)
+	$(PY) -m pytest -m slow tests/test_llm_server.py; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; exit $$rc
 
 test-slow: $(STAMP)
 	tests/services/install.sh

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import yaml
@@ -14,6 +15,22 @@ DEMO = REPO / "data" / "demo"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def in_ci() -> bool:
+    """True when the environment says CI (CI=true, 1 or yes: what CI systems and .ci/run set)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def service_unavailable(reason: str) -> NoReturn:
+    """Skip a test whose server (PostgreSQL, Slurm, llama.cpp) cannot run here, or fail it under CI.
+
+    Locally a missing server is a skip with ``reason``; in CI it is a failure, since CI would otherwise
+    go green having tested none of them (tests/services/install.sh also fails there first).
+    """
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: a service test fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -141,7 +158,8 @@ def tiny_run(tmp_path, tiny_bert_dir) -> dict:
 # -- tuning storage: a real PostgreSQL (tests/services/postgres.py) --------------------------------
 @pytest.fixture(scope="session")
 def postgres():
-    """A PostgreSQL server for this test session (password auth on 127.0.0.1); skips when unavailable.
+    """A PostgreSQL server for this test session (password auth on 127.0.0.1); skips when unavailable
+    (fails under CI, see service_unavailable).
     ``postgres.database()`` makes an empty database and returns its URL without the password."""
     import sys
 
@@ -150,7 +168,7 @@ def postgres():
 
     reason = unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        service_unavailable(reason)
     server = PostgresServer().start()
     try:
         yield server

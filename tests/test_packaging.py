@@ -1,0 +1,41 @@
+"""Installs: the conda env of the rules and a non-editable install agree with pyproject.toml."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+from packaging.specifiers import SpecifierSet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_conda_env_states_no_floors_of_its_own():
+    """pyproject.toml is the one place with dependency floors: the env file pins only Python, inside
+    requires-python, and lists no pip packages (the post-deploy install brings them, with the floors)."""
+    env = yaml.safe_load((ROOT / "envs" / "moegate.yaml").read_text())
+    versioned, python = [], None
+    for dep in env["dependencies"]:
+        assert isinstance(dep, str), f"envs/moegate.yaml: a pip section {dep!r}; pyproject.toml lists those"
+        name, _, version = dep.partition("=")
+        if name == "python":
+            python = version
+        elif re.search(r"[<>=!~]", dep):
+            versioned.append(dep)
+    assert not versioned, f"envs/moegate.yaml pins {versioned}: state floors in pyproject.toml only"
+    assert python and SpecifierSet(_pyproject()["project"]["requires-python"]).contains(python + ".0")
+
+
+def test_post_deploy_installs_moegate_with_its_dependencies():
+    script = (ROOT / "envs" / "moegate.post-deploy.sh").read_text()
+    installs = [line for line in script.splitlines() if "pip install" in line and not line.lstrip().startswith("#")]
+    assert len(installs) == 1
+    assert "--no-deps" not in installs[0], "without dependencies pyproject.toml's floors never reach the env"
+    extras = re.search(r"\[([a-z,]+)\]", installs[0]).group(1).split(",")
+    assert set(extras) <= set(_pyproject()["project"]["optional-dependencies"])
