@@ -92,11 +92,12 @@ def all_queries(wildcards):
 
 def evaluate_inputs(wildcards):
     """The real questions scored beside the test split (with the training split their TF-IDF baseline
-    is fitted on), and the KB index retrieval routing reads.
+    is fitted on), the off-topic questions the abstain rates are measured on, and the KB index
+    retrieval routing reads.
 
     The dataset stage writes the index only when the KB stages ran (no dataset.labelled_csv).
     """
-    inputs = []
+    inputs = list(config["evaluate"]["off_topic_questions"])
     if config["evaluate"]["real_questions"]:
         inputs += [config["evaluate"]["real_questions"], str(L.split("train"))]
     if not config["dataset"]["labelled_csv"]:

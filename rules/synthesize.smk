@@ -1,4 +1,4 @@
-# Questions per context of each expert's clusters. A localrule (rules/common.smk): the openai backend
+# Questions per context of each expert's clusters. A localrule (the Snakefile): the openai backend
 # may call a hosted API that compute nodes cannot reach, and the offline backend is seconds of work.
 # Raw LLM replies are cached under results/cache/llm (not an output, so a failed job keeps them):
 # a rerun pays only for the contexts that got no reply.

@@ -199,3 +199,36 @@ def test_evaluate_scores_real_questions(tiny_run, tmp_path):
     KBIndex(index.vectors, index.expert, index.chunk_ids, labels[::-1], index.encoder).save(layout.kb_index)
     with pytest.raises(ValueError, match=r"kb_index\.safetensors: labels .* differ"):
         evaluate(tiny_run)
+
+
+def test_evaluate_reports_abstention_at_the_saved_threshold(tiny_run, tmp_path):
+    from moegate.router import Router
+
+    layout = Layout.from_config(tiny_run)
+    real = _write_csv(tmp_path / "real.csv", tiny_questions(per_expert=3, seed=1))
+    off_topic = ["how long should I boil an egg", "who won the world cup in 2014", "tell me a joke"]
+    off = tmp_path / "off.csv"
+    pd.DataFrame({"question": off_topic, "kind": "chitchat"}).to_csv(off, index=False)
+    tiny_run["evaluate"].update(real_questions=str(real), off_topic_questions=[str(off)])
+    _train(tiny_run)
+    abstain = evaluate(tiny_run)["abstain"]
+
+    assert abstain == json.loads((layout.router / "metrics.json").read_text())["abstain"]
+    router = Router.from_pretrained(layout.router, device="cpu")
+    assert abstain["score"] == "kb_similarity" and abstain["threshold"] == router.abstain_below
+    assert abstain["calibration"] == router.abstain["calibration"] and abstain["auroc_in_domain"] == "real_questions"
+    test_questions = pd.read_parquet(layout.split("test"))["query"].tolist()
+    real_questions = pd.read_csv(real)["question"].tolist()
+    for name, texts in (("test", test_questions), ("real_questions", real_questions)):
+        share = np.mean([r.expert is None for r in router.route(texts)])
+        assert abstain["in_domain"][name] == {"rows": len(texts), "abstain_rate": pytest.approx(share)}
+    entry = abstain["off_topic"][str(off)]
+    assert entry["rows"] == 3 and entry["abstain_rate"] == pytest.approx(
+        np.mean([r.expert is None for r in router.route(off_topic)]))
+    assert set(entry["auroc"]) == {"kb_similarity", "probability"}
+    assert all(0.0 <= v <= 1.0 for v in entry["auroc"].values())
+    assert abstain["off_topic_all"]["rows"] == 3
+
+    pd.DataFrame({"text": off_topic}).to_csv(off, index=False)
+    with pytest.raises(ValueError, match=r"off\.csv: no 'question' column"):
+        evaluate(tiny_run)

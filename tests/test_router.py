@@ -256,9 +256,11 @@ def test_saved_abstain_threshold_is_the_default(tiny_bert_dir, tmp_path):
     assert gate.route(["anything"], abstain_below=0.0)[0].expert in LABELS
 
 
-def test_route_wants_a_list_of_strings(router):
+def test_route_takes_a_string_or_a_list_of_strings(router):
+    one = router.route("what is a p-value?")
+    assert isinstance(one, RouteResult) and one == router.route(["what is a p-value?"])[0]
     with pytest.raises(TypeError, match="wrap a single question in a list"):
-        router.route("what is a p-value?")
+        router.predict("what is a p-value?")  # predict's rows stay a list
     with pytest.raises(TypeError, match=r"texts\[1\]: expected a string, got NoneType"):
         router.route(["ok", None])
 
@@ -400,6 +402,22 @@ def test_route_never_returns_nan(saved):
         gate.route(texts, abstain_below=0.5)
     results = gate.route([texts[i] for i in range(len(texts)) if i not in reached], abstain_below=0.5)
     assert all(np.isfinite(r.probability) for r in results)
+
+
+def test_route_cli_reads_one_question_a_line_from_stdin(saved, monkeypatch):
+    from moegate import cli
+    from moegate.cli import app
+
+    monkeypatch.setattr(cli, "STDIN_BATCH", 2)  # three batches: the first lines print before the last are read
+    lines = "what is a p-value?\n\n  什么是神经网络  \nplots\nlayers\n"
+    result = CliRunner().invoke(app, ["route", "--router", str(saved[0]), "-"], input=lines)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["question"] for r in rows] == ["what is a p-value?", "什么是神经网络", "plots", "layers"]
+    want = Router.from_pretrained(saved[0], device="cpu").route([r["question"] for r in rows])
+    assert [r["expert"] for r in rows] == [w.expert for w in want]
+    bad = CliRunner().invoke(app, ["route", "--router", str(saved[0]), "--top-k", "0", "-"], input="q\n")
+    assert bad.exit_code == 2 and "top_k" in bad.output and not bad.stdout.strip()
 
 
 def test_route_cli_refuses_a_damaged_router(saved, tmp_path):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from moegate import Router
@@ -49,9 +50,21 @@ def test_train_router_round_trip(backbone_run):
     accuracy = float((probs.argmax(1) == val.labels.numpy()).mean())
     assert accuracy == pytest.approx(summary["val_accuracy"])
     assert exits.mean() == pytest.approx(summary["val_mean_layers"])
-    results = router.route(["how does the gradient relate to the layer?", ""])
+    results = router.route(["how does the gradient relate to the layer?", ""], abstain_below=-1.0)
     assert all(r.expert in router.labels and 1 <= r.exit_layer <= 3 for r in results)
     assert np.isclose(sum(results[0].distribution.values()), 1.0, atol=1e-5)
+
+    # the abstain threshold, calibrated on the validation questions, is the router's default: none of them
+    # abstains at max_in_domain_rate 0.02 with fewer than 50 of them
+    abstain = config["abstain"]
+    assert abstain["score"] == "kb_similarity" and abstain["max_in_domain_rate"] == 0.02
+    assert (out / "kb_index.safetensors").is_file() and abstain["kb_rows"] == meta["dataset"]["train"]
+    assert abstain["kb_reference"].startswith("train questions")  # a labelled-CSV dataset has no KB windows
+    val_questions = pd.read_parquet(layout.split("val"))["query"].tolist()
+    assert len(val_questions) < 50 and abstain["calibration"]["questions"] == len(val_questions)
+    routed = router.route(val_questions)
+    assert all(r.expert is not None and -1 <= r.kb_similarity <= 1 for r in routed)
+    assert router.abstain_below == abstain["threshold"] < min(r.kb_similarity for r in routed)
 
 
 def test_tuned_values_and_study_names_reach_the_router(backbone_run):

@@ -154,24 +154,70 @@ def evaluate(config: Path = ConfigOpt) -> None:
 
 @app.command()
 def route(
-    questions: List[str] = typer.Argument(..., help="questions to route"),
+    questions: List[str] = typer.Argument(..., help="questions to route; '-' reads one question a line from stdin"),
     router: Path = typer.Option(..., "--router", help="a router directory (results/router)"),
     top_k: Optional[int] = typer.Option(None, help="keep only the k most likely experts in .distribution"),
-    abstain_below: Optional[float] = typer.Option(None, help="expert=null below this top probability"),
+    abstain_below: Optional[float] = typer.Option(
+        None, help="expert=null where the router's abstain score (kb_similarity or probability) is below this; "
+                   "default: the router's calibrated threshold"),
 ) -> None:
     """Route questions; print one JSON object per question."""
     from moegate.router import Router
 
-    for i, q in enumerate(questions, start=1):
-        _check_text(q, f"question {i}")
+    from_stdin = questions == ["-"]
+    if not from_stdin:
+        for i, q in enumerate(questions, start=1):
+            _check_text(q, f"question {i}")
     try:
         gate = Router.from_pretrained(router)
-        results = gate.route(questions, top_k=top_k, abstain_below=abstain_below)
+        gate.route_options(top_k, abstain_below)
+        batches = _stdin_questions(STDIN_BATCH) if from_stdin else [questions]
+        for batch in batches:  # stdin is routed a batch at a time: the first lines print before the last are read
+            for q, r in zip(batch, gate.route(batch, top_k=top_k, abstain_below=abstain_below), strict=True):
+                typer.echo(json.dumps({"question": q, **r.to_dict()}))
     except (FileNotFoundError, ValueError) as e:  # a broken router dir or bad option: say which, no traceback
         typer.echo(f"moegate route: {e}", err=True)
         raise typer.Exit(2) from None
-    for q, r in zip(questions, results):
-        typer.echo(json.dumps({"question": q, **r.to_dict()}))
+
+
+STDIN_BATCH = 64  # questions per model call for `moegate route -`
+
+
+def _stdin_questions(size: int):
+    """Batches of the non-blank lines of stdin (one question a line, surrounding whitespace stripped)."""
+    batch = []
+    for number, line in enumerate(sys.stdin, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        _check_text(text, f"stdin line {number}")
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@app.command()
+def serve(
+    router: Path = typer.Option(..., "--router", help="a router directory (results/router); nothing else is needed"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, help="TCP port (0: any free one, printed at startup)"),
+    max_batch: int = typer.Option(64, help="dynamic batching: most questions per model call"),
+    max_wait_ms: float = typer.Option(2.0, help="dynamic batching: most a request waits for others to join its batch"),
+    max_questions: int = typer.Option(64, help="most questions in one request (more: 413)"),
+    max_body_bytes: int = typer.Option(1 << 20, help="largest request body (more: 413)"),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="gather concurrent requests into one batch"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    threads: Optional[int] = typer.Option(None, help="torch threads for inference (default: half the cores)"),
+    access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="one log line per request"),
+) -> None:
+    """Serve a router over HTTP: POST /route, GET /healthz, GET /metrics (Prometheus), /docs."""
+    from moegate.serve import serve as run
+
+    run(router, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_questions=max_questions,
+        batching=batching, max_body_bytes=max_body_bytes, device=device, access_log=access_log, threads=threads)
 
 
 def _check_text(text: str, where: str) -> None:

@@ -480,6 +480,16 @@ class DactRouterModel(nn.Module):
                 layer_mask = self._layer_mask(hidden, attention_mask)
             return probs, exit_layer
 
+    def exit_with_last_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The early exit's answer read off a run of all N layers, plus layer N's pooled state:
+        (probs (B, K), exit_layer (B,), c_N (B, H) float32), for a score that needs the last layer (the
+        off-topic ``kb_similarity``). probs and exit_layer are :meth:`early_exit`'s (:func:`exit_from_output`);
+        only the compute saving is given up. Runs in eval mode."""
+        with self._inference():
+            states = self.states(input_ids, attention_mask)
+            probs, exit_layer = exit_from_output(self.forward_states(states))
+            return probs, exit_layer, states[-1].float()
+
     def full_depth(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """No early exit: (probs (B, K) = a_N, exit_layer (B,) = N for every row). Runs in eval mode."""
         with self._inference():

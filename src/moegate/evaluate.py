@@ -17,6 +17,12 @@ those rows under ``metrics["real_questions"]``, beside two baselines that need n
 routing over the KB index (``dataset/kb_index.safetensors``; null when the dataset came from a
 labelled CSV and so has no index) and TF-IDF + logistic regression fitted on the training split.
 Synthetic test questions resemble their training siblings; real ones show whether that transfers.
+
+``metrics["abstain"]``: how the router's abstain score and its saved threshold (:mod:`moegate.abstain`)
+do on in-domain questions (the test split's questions, the real questions) and on each CSV of
+``evaluate.off_topic_questions`` (questions no expert covers): the share abstained on, and the AUROC of
+each score the router can compute (kb_similarity, probability) separating the in-domain real questions
+(else the test questions) from each off-topic set and from all of them together.
 ``mcnemar_vs_retrieval`` pairs each method with retrieval routing on the same rows: ``b`` = rows the
 method gets right and retrieval wrong, ``c`` = the reverse, ``p_value`` = exact two-sided McNemar.
 """
@@ -215,6 +221,68 @@ def read_real_questions(path: str | Path, labels: list[str]) -> tuple[list[str],
     return questions.tolist(), experts.map(index).to_numpy(dtype=np.int64)
 
 
+def read_off_topic_questions(path: str | Path) -> list[str]:
+    """An ``evaluate.off_topic_questions`` CSV → its questions (column ``question``; others ignored).
+    A missing file or column, or an empty question, raises ValueError naming the file and rows."""
+    path = Path(path)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: off-topic questions CSV not found (evaluate.off_topic_questions)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV (evaluate.off_topic_questions): {e}") from None
+    raw.columns = [str(c).strip() for c in raw.columns]
+    if "question" not in raw.columns:
+        raise ValueError(f"{path}: no 'question' column (found {list(raw.columns)}); evaluate.off_topic_questions")
+    questions = raw["question"].str.strip()
+    empty = (questions == "").to_numpy()
+    if raw.empty or empty.any():
+        where = f"empty question(s) in row(s) {_rows(np.arange(1, len(raw) + 1)[empty])}" if empty.any() else "no rows"
+        raise ValueError(f"{path}: {where} (evaluate.off_topic_questions)")
+    return questions.tolist()
+
+
+def abstain_metrics(config: dict, router, in_domain: dict[str, list[str]]) -> dict:
+    """``metrics["abstain"]``: abstain rates at the router's saved threshold and AUROCs (see the module
+    docstring). ``in_domain``: name → questions every expert set covers ("test", "real_questions")."""
+    from moegate.abstain import abstain_rate, auroc
+
+    kb = router.kb_index is not None  # routers saved before kb_index: the probability only
+
+    def scores(texts: list[str]) -> dict[str, np.ndarray]:
+        s = router.scores(texts, batch_size=EVAL_BATCH_SIZE, kb_similarity=kb)
+        out = {"probability": s.probs.max(1) if len(s) else np.zeros(0)}
+        if kb:
+            out["kb_similarity"] = s.kb_similarity
+        return out
+
+    score, threshold = router.abstain_score, router.abstain_below
+    inside = {name: scores(texts) for name, texts in in_domain.items()}
+    reference = "real_questions" if "real_questions" in inside else "test"
+    outside = {str(p): scores(read_off_topic_questions(p)) for p in config["evaluate"]["off_topic_questions"]}
+
+    def off_topic_entry(values: dict[str, np.ndarray]) -> dict:
+        return {"rows": len(values[score]), "abstain_rate": abstain_rate(values[score], threshold),
+                "auroc": {name: auroc(inside[reference][name], v) for name, v in values.items()}}
+
+    out = {
+        "score": score, "threshold": threshold, "max_in_domain_rate": router.abstain.get("max_in_domain_rate"),
+        "calibration": router.abstain.get("calibration"),
+        "in_domain": {name: {"rows": len(v[score]), "abstain_rate": abstain_rate(v[score], threshold)}
+                      for name, v in inside.items()},
+        "auroc_in_domain": reference,
+        "off_topic": {path: off_topic_entry(v) for path, v in outside.items()},
+    }
+    if outside:
+        pooled = {name: np.concatenate([v[name] for v in outside.values()]) for name in inside[reference]}
+        out["off_topic_all"] = off_topic_entry(pooled)
+        log.info("evaluate: abstain on %s < %s: in-domain %s; off-topic %.3f (AUROC %s)", score, threshold,
+                 ", ".join(f"{k} {v['abstain_rate']:.3f}" for k, v in out["in_domain"].items()),
+                 out["off_topic_all"]["abstain_rate"],
+                 ", ".join(f"{k} {v:.3f}" for k, v in out["off_topic_all"]["auroc"].items() if v is not None))
+    return out
+
+
 def _rows(rows: np.ndarray, n: int = 10) -> str:
     more = f" (+{len(rows) - n} more)" if len(rows) > n else ""
     return ", ".join(str(int(r)) for r in rows[:n]) + more
@@ -299,7 +367,7 @@ def evaluate(config: dict) -> dict:
     layout = Layout.from_config(config)
     labels = read_labels(layout)
     test = load_tokens(layout.tokens("test"))
-    frame = pd.read_parquet(layout.split("test"), columns=["label"])
+    frame = pd.read_parquet(layout.split("test"), columns=["label", "query", "kind"])
     if len(frame) != len(test) or not np.array_equal(frame["label"].to_numpy(), test.labels.numpy()):
         raise ValueError(f"{layout.split('test')} ({len(frame)} rows) and {layout.tokens('test')} "
                          f"({len(test)} rows) disagree; rerun the dataset stage")
@@ -353,8 +421,11 @@ def evaluate(config: dict) -> dict:
         "lambda_": router.lambda_,
         "wall_seconds": 0.0,
     }
+    in_domain = {"test": frame.loc[frame["kind"] == "question", "query"].astype(str).tolist()}
     if config["evaluate"]["real_questions"]:
         metrics["real_questions"] = score_real_questions(config, layout, labels, router, backbone, tokenizer, device)
+        in_domain["real_questions"] = read_real_questions(config["evaluate"]["real_questions"], labels)[0]
+    metrics["abstain"] = abstain_metrics(config, router, in_domain)
     plot_exit_layers(layout.evaluation / "exit_layers.png", labels, truth, exit_layer, n_layers)
     plot_confusions(layout.evaluation / "confusion.png", labels, {
         "router (early exit)": systems["router_early_exit"], "router (full depth)": systems["router_full_depth"],

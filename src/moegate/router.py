@@ -5,9 +5,12 @@
     router.route(["What is a p-value?"])[0].expert    # -> "dsci_101"
 
 A router directory holds ``config.json`` (the backbone's HF config, labels, head config, λ, the exit
-rule, max length, training metadata), ``model.safetensors`` (the whole DactRouterModel state: encoder
-+ DACT units), the tokenizer files, a ``README.md`` model card, and any extra JSON files the trainer
-adds (``training.json``). Loading uses safetensors only: no pickle, no ``torch.load``.
+rule, max length, the abstain score and its calibrated threshold, training metadata),
+``model.safetensors`` (the whole DactRouterModel state: encoder + DACT units), the tokenizer files,
+``kb_index.safetensors`` when the router abstains on ``kb_similarity`` (the KB windows' last-layer
+states, :mod:`moegate.abstain`), a ``README.md`` model card, and any extra JSON files the trainer adds
+(``training.json``). Loading uses safetensors only: no pickle, no ``torch.load``. Directories saved
+before the abstain block existed load as before: ``abstain_below`` is a threshold on the probability.
 
 A damaged directory does not route: loading refuses a missing tokenizer file (HF would silently fall
 back to a 5-token vocabulary and read every word as [UNK]), a tokenizer whose vocabulary is not the
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 
 from moegate import __version__
+from moegate.abstain import KB_INDEX_FILE, SCORES
+from moegate.abstain import kb_similarity as similarity_to_kb
 from moegate.dact import EXIT_RULE, EXIT_RULES, DactRouterModel, HeadConfig
 from moegate.errors import MoegateError
 from moegate.io import atomic_dir, pinned_dir, read_json, wait_for_swap, write_json, write_text
@@ -40,7 +45,7 @@ FORMAT_VERSION = 1  # config.json "moegate_router": bump when the directory layo
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
-_RESERVED = {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE}
+_RESERVED = {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, KB_INDEX_FILE}
 LOAD_ATTEMPTS = 3  # loads of a directory that an atomic_dir swap replaced mid-load, before giving up
 
 
@@ -64,12 +69,17 @@ def save_router(
     metadata: dict,
     extra_json: dict[str, dict] | None = None,
     abstain_below: float | None = None,
+    abstain: dict | None = None,
+    kb_index=None,
 ) -> Path:
     """Write a router directory at ``path`` atomically (a killed job leaves the old one or none).
 
     In: the trained model, its tokenizer, the expert labels in output order, the tokenizer max length,
     λ, free-form ``metadata`` (training params, tuned values, study names), ``extra_json`` files
-    ({"training.json": curves}) and the default abstain threshold of ``route``. Out: the path.
+    ({"training.json": curves}), and how ``route`` abstains: ``abstain`` = {"score": "kb_similarity" |
+    "probability", "threshold": float | None, "top_k": int (kb_similarity), ...calibration facts} with
+    ``kb_index`` (a KBIndex of last-layer states, :func:`moegate.abstain.kb_index_from_states`) for
+    kb_similarity; or just ``abstain_below``, a threshold on the probability. Out: the path.
     """
     from safetensors.torch import save_file
 
@@ -82,6 +92,7 @@ def save_router(
         if Path(name).name != name or not name.endswith(".json") or name in _RESERVED:
             raise ValueError(f"save_router: extra_json key {name!r} must be a plain *.json file name "
                              f"other than {sorted(_RESERVED)}")
+    abstain = _abstain_block(abstain, abstain_below, kb_index, labels, model.hidden_size)
     rows = model.encoder.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ValueError(f"save_router: the tokenizer has {len(tokenizer)} tokens, the backbone only {rows} "
@@ -94,7 +105,7 @@ def save_router(
         "num_layers": model.num_layers,
         "max_length": int(max_length),
         "lambda_": float(lambda_),
-        "abstain_below": abstain_below,
+        "abstain": abstain,
         "head": model.head_config.to_dict(),
         "exit_rule": EXIT_RULE,
         "backbone": model.encoder.config.to_dict(),
@@ -112,12 +123,43 @@ def save_router(
         config["tokenizer_files"] = sorted(p.name for p in tmp.iterdir() if p.name not in _RESERVED)
         config["tokenizer_vocab_size"] = len(tokenizer)
         config["weights_sha256"] = _sha256(tmp / WEIGHTS_FILE)
+        if kb_index is not None:
+            kb_index.save(tmp / KB_INDEX_FILE)
+            abstain["kb_index_sha256"] = _sha256(tmp / KB_INDEX_FILE)
         write_json(tmp / CONFIG_FILE, config)
         for name, obj in (extra_json or {}).items():
             write_json(tmp / name, obj)
         write_text(tmp / CARD_FILE, _model_card(config))
     log.info("saved router (%d experts, %d layers) to %s", len(labels), model.num_layers, path)
     return Path(path)
+
+
+def _abstain_block(abstain: dict | None, abstain_below: float | None, kb_index, labels: list[str],
+                   hidden: int) -> dict:
+    """config.json's "abstain": the score route() abstains on and its threshold, checked."""
+    if abstain is None:
+        abstain = {"score": "probability", "threshold": abstain_below}
+    elif abstain_below is not None:
+        raise ValueError("save_router: pass abstain or abstain_below, not both")
+    abstain = dict(abstain)
+    score, threshold = abstain.get("score"), abstain.get("threshold")
+    if score not in SCORES:
+        raise ValueError(f"save_router: abstain score {score!r}, expected one of {list(SCORES)}")
+    low = -1.0 if score == "kb_similarity" else 0.0
+    if threshold is not None and not low <= float(threshold) <= 1.0:
+        raise ValueError(f"save_router: abstain threshold {threshold!r} outside [{low:g}, 1] for {score}")
+    if score == "kb_similarity":
+        if kb_index is None:
+            raise ValueError("save_router: abstain score kb_similarity needs the kb_index it compares with")
+        if kb_index.labels != labels or kb_index.vectors.dim() != 2 or kb_index.vectors.shape[1] != hidden:
+            raise ValueError(f"save_router: kb_index of {tuple(kb_index.vectors.shape)} vectors for {kb_index.labels} "
+                             f"does not fit a router of hidden size {hidden} and labels {labels}")
+        if int(abstain.get("top_k") or 0) < 1:
+            raise ValueError(f"save_router: abstain top_k {abstain.get('top_k')!r}, expected a positive integer")
+        abstain["kb_rows"] = len(kb_index)
+    elif kb_index is not None:
+        raise ValueError("save_router: a kb_index is saved only for the kb_similarity abstain score")
+    return abstain
 
 
 def _model_card(config: dict) -> str:
@@ -134,14 +176,16 @@ expert, with a probability for every expert, leaving the encoder as soon as the 
 {experts}
 - ponder cost λ = {config['lambda_']}; max length {config['max_length']} tokens
 - exit rule ({config['exit_rule']['name']}): `{config['exit_rule']['formula']}`
+- abstains (expert = null) when {config['abstain']['score']} < {config['abstain']['threshold']}
 
 ```python
 from moegate import Router
 router = Router.from_pretrained("path/to/this/dir")
-router.route(["your question"])  # .expert, .probability, .exit_layer, .distribution
+router.route("your question")  # .expert, .probability, .exit_layer, .distribution, .kb_similarity
 ```
 
-Command line: `moegate route --router path/to/this/dir "your question"`.
+Command line: `moegate route --router path/to/this/dir "your question"`; over HTTP:
+`moegate serve --router path/to/this/dir`.
 Evaluation results, when the evaluate stage has run, are in `metrics.json`.
 """
 
@@ -150,15 +194,36 @@ Evaluation results, when the evaluate stage has run, are in `metrics.json`.
 @dataclass
 class RouteResult:
     """One question's routing: the chosen expert (None = abstain), its probability, the encoder layer
-    the answer left at (1..N), and expert → probability (the top_k most likely, descending)."""
+    the answer left at (1..N), expert → probability (the top_k most likely, descending), and the
+    question's similarity to the knowledge bases (None unless the router abstains on it)."""
 
     expert: str | None
     probability: float
     exit_layer: int
     distribution: dict[str, float] = field(default_factory=dict)
+    kb_similarity: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class RouteScores:
+    """What the model computes for a list of questions, before the per-call choices of
+    :meth:`Router.decide` (top_k, the abstain threshold): probs (n, K) float32, exit_layer (n,) int64,
+    kb_similarity (n,) float32 or None."""
+
+    probs: np.ndarray
+    exit_layer: np.ndarray
+    kb_similarity: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.probs.shape[0])
+
+    def rows(self, start: int, stop: int) -> RouteScores:
+        """The scores of questions start..stop-1 (one request's share of a server batch)."""
+        sim = None if self.kb_similarity is None else self.kb_similarity[start:stop]
+        return RouteScores(self.probs[start:stop], self.exit_layer[start:stop], sim)
 
 
 class Router:
@@ -166,7 +231,7 @@ class Router:
 
     def __init__(self, model: DactRouterModel, tokenizer, labels: list[str], max_length: int,
                  config: dict | None = None, device: torch.device | str = "cpu",
-                 path: str | os.PathLike | None = None):
+                 path: str | os.PathLike | None = None, kb_index=None):
         self.path = None if path is None else Path(path)  # the directory it was loaded from (for errors)
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
@@ -174,7 +239,14 @@ class Router:
         self.labels = list(labels)
         self.max_length = _token_limit(int(max_length), model, tokenizer)
         self.config = config or {}
-        self.abstain_below = self.config.get("abstain_below")
+        # routers saved before the abstain block: abstain_below was a threshold on the probability
+        self.abstain = dict(self.config.get("abstain") or {"score": "probability",
+                                                            "threshold": self.config.get("abstain_below")})
+        self.abstain_score = self.abstain["score"]
+        self.abstain_below = self.abstain.get("threshold")
+        self.kb_index = kb_index
+        if self.abstain_score == "kb_similarity" and kb_index is None:
+            raise RouterError(f"router {self.path or '(in memory)'}: abstains on kb_similarity but has no kb_index")
         self.lambda_ = self.config.get("lambda_")
 
     @property
@@ -252,6 +324,7 @@ class Router:
             raise RouterError(f"{path / CONFIG_FILE}: num_layers {config['num_layers']} but the backbone has "
                               f"{model.num_layers}")
 
+        kb_index = _load_kb_index(path, config, model)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         _check_vocabulary(path, config, tokenizer, model)
         if getattr(tokenizer, "padding_side", "right") != "right":
@@ -260,7 +333,8 @@ class Router:
 
         dev = pick_device(device) if device in ("auto", "cuda", "cpu") else torch.device(device)
         log.info("loaded router %s: %d experts, %d layers, on %s", path, len(config["labels"]), model.num_layers, dev)
-        return cls(model, tokenizer, config["labels"], config["max_length"], config=config, device=dev, path=path)
+        return cls(model, tokenizer, config["labels"], config["max_length"], config=config, device=dev, path=path,
+                   kb_index=kb_index)
 
     # -- predictions ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +358,15 @@ class Router:
         Rows are batched by length (less padding); each batch leaves the encoder row by row with the
         early exit, or runs all layers with ``early_exit=False``. Results come back in input order.
         """
+        run = self.model.early_exit if early_exit else self.model.full_depth
+        empty = [np.zeros((0, len(self.labels)), np.float32), np.zeros(0, np.int64)]
+        probs, exit_layer = self._batched(input_ids, attention_mask, batch_size, run, empty)
+        self._check_finite(probs)
+        return probs, exit_layer
+
+    def _batched(self, input_ids, attention_mask, batch_size: int, run, empty: list[np.ndarray]) -> list[np.ndarray]:
+        """``run(ids, mask) -> tensors (b, ...)`` over length-sorted batches of rows, as arrays in input order
+        (``empty`` when there are no rows)."""
         from tqdm.auto import tqdm
 
         input_ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()  # batches move to the device one by one
@@ -294,55 +377,99 @@ class Router:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size: expected ≥ 1, got {batch_size!r}")
         n = input_ids.shape[0]
-        probs = np.zeros((n, len(self.labels)), dtype=np.float32)
-        exit_layer = np.zeros(n, dtype=np.int64)
         if n == 0:
-            return probs, exit_layer
+            return empty
         order = torch.argsort(attention_mask.sum(1), stable=True)
-        run = self.model.early_exit if early_exit else self.model.full_depth
         starts = range(0, n, int(batch_size))
         if len(starts) > 1:  # a bar costs ~0.1 ms: not for the one-batch calls a RAG app makes
             starts = tqdm(starts, desc="routing", unit="batch", disable=None, leave=False)
+        outputs = None
         for start in starts:
             idx = order[start : start + int(batch_size)]
-            p, e = run(input_ids[idx].to(self.device), attention_mask[idx].to(self.device))
-            probs[idx.numpy()] = p.float().cpu().numpy()
-            exit_layer[idx.numpy()] = e.cpu().numpy()
+            parts = run(input_ids[idx].to(self.device), attention_mask[idx].to(self.device))
+            if outputs is None:
+                outputs = [np.zeros((n, *p.shape[1:]), dtype=np.float32 if p.is_floating_point() else np.int64)
+                           for p in parts]
+            for out, p in zip(outputs, parts):
+                out[idx.numpy()] = (p.float() if p.is_floating_point() else p).cpu().numpy()
+        return outputs
+
+    def _check_finite(self, probs: np.ndarray) -> None:
         bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
         if bad.size:  # never hand on NaN: argmax would read it as expert 0, a threshold test as "not below"
             raise RouterError(f"router {self.path or '(in memory)'}: NaN or infinite probabilities for {bad.size} of "
-                              f"{n} rows (rows {_first([int(i) for i in bad])}); its weights are damaged or "
+                              f"{len(probs)} rows (rows {_first([int(i) for i in bad])}); its weights are damaged or "
                               "overflow on these inputs")
-        return probs, exit_layer
 
-    def route(self, texts: Sequence[str], top_k: int | None = None, abstain_below: float | None = None,
-              batch_size: int = 64) -> list[RouteResult]:
-        """One RouteResult per text, in order.
+    def scores(self, texts: Sequence[str], batch_size: int = 64, kb_similarity: bool | None = None) -> RouteScores:
+        """The model's part of :meth:`route` for a list of texts: probabilities and exit layers of the early
+        exit, and ``kb_similarity`` when the router abstains on it (or ``kb_similarity=True`` asks for it;
+        it needs all N layers, so every row runs them, its answer still the early exit's)."""
+        want = self.abstain_score == "kb_similarity" if kb_similarity is None else bool(kb_similarity)
+        if not want:
+            return RouteScores(*self.predict(texts, early_exit=True, batch_size=batch_size))
+        if self.kb_index is None:
+            raise RouterError(f"router {self.path or '(in memory)'}: no {KB_INDEX_FILE}, so no kb_similarity "
+                              "(routers trained before it was saved abstain on the probability)")
+        input_ids, attention_mask = self.tokenize(texts)
+        empty = [np.zeros((0, len(self.labels)), np.float32), np.zeros(0, np.int64),
+                 np.zeros((0, self.model.hidden_size), np.float32)]
+        probs, exit_layer, last = self._batched(input_ids, attention_mask, batch_size,
+                                                self.model.exit_with_last_state, empty)
+        self._check_finite(probs)
+        return RouteScores(probs, exit_layer, similarity_to_kb(self.kb_index, torch.from_numpy(last),
+                                                            int(self.abstain.get("top_k") or 10)))
 
-        ``top_k`` keeps only the k most likely experts in ``.distribution``; ``abstain_below`` sets
-        ``.expert = None`` when the top probability is below it (default: the router's saved value).
-        """
+    def route_options(self, top_k: int | None = None, abstain_below: float | None = None) -> tuple[int, float | None]:
+        """(experts kept in .distribution, the abstain threshold in force) for :meth:`route`'s options;
+        ValueError naming the option when one is out of range."""
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
             raise ValueError(f"top_k: expected a positive integer or None, got {top_k!r}")
         threshold = self.abstain_below if abstain_below is None else abstain_below
-        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"abstain_below: expected a probability in [0, 1], got {threshold!r}")
-        probs, exit_layer = self.predict(texts, early_exit=True, batch_size=batch_size)
+        low = -1.0 if self.abstain_score == "kb_similarity" else 0.0
+        if threshold is not None and not low <= float(threshold) <= 1.0:
+            what = "a cosine in [-1, 1]" if low < 0 else "a probability in [0, 1]"
+            raise ValueError(f"abstain_below: expected {what} ({self.abstain_score}), got {threshold!r}")
         k = len(self.labels) if top_k is None else min(int(top_k), len(self.labels))
+        return k, None if threshold is None else float(threshold)
+
+    def decide(self, scores: RouteScores, top_k: int | None = None,
+               abstain_below: float | None = None) -> list[RouteResult]:
+        """RouteResults from :meth:`scores`: ``top_k`` keeps only the k most likely experts in
+        ``.distribution``; ``.expert = None`` where the router's abstain score (``abstain_score``:
+        kb_similarity or the top probability) is below ``abstain_below`` (default: the saved threshold)."""
+        k, threshold = self.route_options(top_k, abstain_below)
+        if self.abstain_score == "kb_similarity" and scores.kb_similarity is None:
+            raise ValueError("decide: this router abstains on kb_similarity; the scores lack it")
         results = []
-        for row, layer in zip(probs, exit_layer):
+        for i, (row, layer) in enumerate(zip(scores.probs, scores.exit_layer)):
             ranked = np.argsort(-row, kind="stable")  # ties: the earlier label first, like argmax
             best = float(row[ranked[0]])
-            # "not ≥": anything that is not a probability at or above the threshold abstains
-            abstain = threshold is not None and not best >= float(threshold)
-            expert = None if abstain else self.labels[ranked[0]]
+            sim = None if scores.kb_similarity is None else float(scores.kb_similarity[i])
+            value = sim if self.abstain_score == "kb_similarity" else best
+            # "not ≥": anything that is not a score at or above the threshold abstains
+            abstain = threshold is not None and not value >= threshold
             results.append(RouteResult(
-                expert=expert,
+                expert=None if abstain else self.labels[ranked[0]],
                 probability=best,
                 exit_layer=int(layer),
                 distribution={self.labels[j]: float(row[j]) for j in ranked[:k]},
+                kb_similarity=sim,
             ))
         return results
+
+    def route(self, texts: str | Sequence[str], top_k: int | None = None, abstain_below: float | None = None,
+              batch_size: int = 64) -> RouteResult | list[RouteResult]:
+        """One RouteResult per text, in order; a single string gives a single RouteResult.
+
+        ``top_k`` keeps only the k most likely experts in ``.distribution``; ``abstain_below`` sets
+        ``.expert = None`` when the router's abstain score (``abstain_score``: the question's
+        kb_similarity, or its top probability for routers that abstain on it) is below it (default: the
+        threshold calibrated on validation questions and saved with the router; None = never).
+        """
+        single = isinstance(texts, str)
+        results = self.decide(self.scores([texts] if single else texts, batch_size=batch_size), top_k, abstain_below)
+        return results[0] if single else results
 
     def __repr__(self) -> str:
         return f"Router(experts={self.labels}, layers={self.num_layers}, device={self.device})"
@@ -367,7 +494,7 @@ def _token_limit(max_length: int, model: DactRouterModel, tokenizer) -> int:
 
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
-        raise TypeError("route/predict take a list of strings; wrap a single question in a list")
+        raise TypeError("predict takes a list of strings; wrap a single question in a list (route takes either)")
     texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
@@ -392,7 +519,41 @@ def _read_router_config(path: Path) -> dict:
     if not config["labels"]:
         raise RouterError(f"{path}: key 'labels' is empty")
     _check_exit_rule(path, config.get("exit_rule"))
+    abstain = config.get("abstain")
+    if abstain is not None and (not isinstance(abstain, dict) or abstain.get("score") not in SCORES):
+        score = abstain.get("score") if isinstance(abstain, dict) else abstain
+        raise RouterError(f"{path}: abstain score {score!r} is not one this moegate computes (known: {list(SCORES)})")
     return config
+
+
+def _load_kb_index(path: Path, config: dict, model: DactRouterModel):
+    """The router's ``kb_index.safetensors`` (routers that abstain on kb_similarity), checked against
+    config.json: its digest, labels, width and values. None for the other routers."""
+    from safetensors import SafetensorError
+
+    from moegate.retrieval import KBIndex
+
+    abstain = config.get("abstain") or {}
+    if abstain.get("score") != "kb_similarity":
+        return None
+    file = path / KB_INDEX_FILE
+    if not file.is_file():
+        raise RouterFileMissing(f"{file}: missing; {CONFIG_FILE} says this router abstains on kb_similarity, "
+                                "which compares a question with these KB states. Restore it or retrain the router")
+    digest = abstain.get("kb_index_sha256")
+    if digest is not None and _sha256(file) != digest:
+        raise RouterError(f"{file}: its sha256 differs from abstain.kb_index_sha256 in {CONFIG_FILE}: damaged or "
+                          "replaced since the router was saved; restore it or retrain")
+    try:
+        index = KBIndex.load(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RouterError(f"{file}: not a readable KB index: {e}") from e
+    if index.labels != config["labels"] or index.vectors.dim() != 2 or index.vectors.shape[1] != model.hidden_size:
+        raise RouterError(f"{file}: {tuple(index.vectors.shape)} vectors for {index.labels}; the router has hidden "
+                          f"size {model.hidden_size} and labels {config['labels']}")
+    if not bool(torch.isfinite(index.vectors).all()):
+        raise RouterError(f"{file}: NaN or infinite values; restore it or retrain the router")
+    return index
 
 
 def _check_exit_rule(path: Path, rule) -> None:

@@ -6,7 +6,9 @@ frozen or lpft) or the fine-tuned ``backbone/`` (finetune) — and the tuned val
 ``tuning/{backbone,submodels,training,lambda}.json``.
 Out: ``router/`` through :func:`moegate.router.save_router`: config.json (backbone config, labels,
 head config, λ, exit rule, max length, training metadata, tuned values and study names),
-model.safetensors, the tokenizer, README.md and ``training.json`` (per-epoch curves, the λ sweep).
+model.safetensors, the tokenizer, README.md and ``training.json`` (per-epoch curves, the λ sweep), and
+the abstain score with its threshold, calibrated on the validation questions (:func:`calibrate_abstain`;
+``kb_index.safetensors``, the KB windows' last-layer states, for ``kb_similarity``).
 
 Loss = NLL(log a_N) + λ · mean Σ_n p_n + β · mean_n NLL(log y_n) + w · [KL(t ‖ a_N) + β · mean_n KL(t ‖ y_n)]
 (:meth:`DactRouterModel.loss`; β = ``router.layer_loss_weight``, w = ``router.teacher_weight``, t = the
@@ -23,6 +25,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -87,9 +90,73 @@ def validation_metrics(model: DactRouterModel, split: TokenSplit, lambda_: float
             "val_mean_layers": totals["layers"] / n, "val_agreement": totals["agree"] / n}
 
 
+def calibrate_abstain(config: dict, model: DactRouterModel, labels: list[str], device: torch.device,
+                      cached: dict | None = None):
+    """How the router abstains: (the abstain block of config.json, the KBIndex kb_similarity compares with).
+
+    The reference rows are the training split's KB windows (every training row when the dataset has no
+    windows, e.g. a labelled CSV), as the router's own last-layer pooled states; the in-domain rows are
+    the validation split's questions, whose contexts' windows the dataset stage kept out of training, so
+    their similarity is not flattered. threshold = :func:`moegate.abstain.threshold_for_rate` of their
+    scores at ``router.abstain.max_in_domain_rate`` (null rate: no threshold). ``cached``: the frozen
+    encoder's StateSplits of train and val (else the states are computed with ``model``).
+    """
+    from moegate.abstain import abstain_rate, kb_index_from_states, kb_similarity, threshold_for_rate
+    from moegate.states import StateSplit, compute_states
+
+    layout = Layout.from_config(config)
+    section = config["router"]["abstain"]
+    score, rate, top_k = section["score"], section["max_in_domain_rate"], int(section["top_k"])
+    kinds = {s: pd.read_parquet(layout.split(s), columns=["kind"])["kind"].to_numpy() for s in ("train", "val")}
+
+    def states_of(split: str, rows) -> StateSplit:
+        rows = torch.as_tensor(rows, dtype=torch.bool)
+        if cached is not None:
+            part = cached[split]
+            return StateSplit(part.states[:, rows], part.labels[rows])
+        tokens = load_tokens(layout.tokens(split))
+        sub = TokenSplit(tokens.input_ids[rows], tokens.attention_mask[rows], tokens.labels[rows], source=tokens.source)
+        return StateSplit(compute_states(model, sub, device, desc=f"abstain states {split}"), sub.labels)
+
+    questions = kinds["val"] == "question"
+    if not questions.any():
+        raise ValueError(f"{layout.split('val')}: no question rows to calibrate the abstain threshold on")
+    val = states_of("val", questions)
+    index = None
+    if score == "kb_similarity":
+        windows = kinds["train"] == "window"
+        reference = "train KB windows" if windows.any() else "train questions (the dataset has no KB windows)"
+        rows = windows if windows.any() else np.ones(len(kinds["train"]), dtype=bool)
+        train = states_of("train", rows)
+        index = kb_index_from_states(train.states[-1], train.labels, labels,
+                                     [f"train:{i}" for i in np.flatnonzero(rows)])
+        values = kb_similarity(index, val.states[-1], top_k)
+    else:
+        model.eval()
+        with torch.no_grad():
+            probs, _ = exit_from_output(model.forward_states(val.states.to(device)))
+        values = probs.max(1).values.float().cpu().numpy()
+    fixed = config["router"].get("abstain_below")  # the deprecated fixed threshold, when a config still sets it
+    if fixed is not None:
+        log.warning("router.abstain_below = %s is deprecated: a fixed threshold on %s instead of the calibrated one",
+                    fixed, score)
+    threshold = fixed if fixed is not None else None if rate is None else threshold_for_rate(values, rate)
+    abstain = {"score": score, "threshold": threshold, "max_in_domain_rate": None if fixed is not None else rate,
+               "calibration": {"split": "val", "questions": int(len(values)),
+                               "abstain_rate": abstain_rate(values, threshold),
+                               "score_quantiles": {q: float(np.quantile(values, float(q)))
+                                                   for q in ("0.01", "0.05", "0.5")}}}
+    if index is not None:
+        abstain.update(top_k=top_k, kb_reference=reference)
+    log.info("router abstains on %s < %s (%.1f %% of %d validation questions)", score,
+             "never" if threshold is None else f"{threshold:.4f}", 100 * abstain["calibration"]["abstain_rate"],
+             len(values))
+    return abstain, index
+
+
 def training_params(config: dict) -> dict:
     """The router's training hyperparameters as run (config ``router`` without the head), plus seed."""
-    section = {k: v for k, v in config["router"].items() if k != "head"}
+    section = {k: v for k, v in config["router"].items() if k not in ("head", "abstain", "abstain_below")}
     return {**section, "seed": config["seed"]}
 
 
@@ -229,10 +296,12 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
         training = {"curves": curves, "best_epoch": result.best_epoch, "epochs_run": summary["epochs"],
                     "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
                     "train_seconds": train_seconds, "wall_seconds": wall, **(extra or {})}
+        abstain, kb_index = calibrate_abstain(config, model, labels, device,
+                                              cached=states if mode == "frozen" else None)
         _set_encoder_trainable(model, True)
         save_router(out_dir, model, AutoTokenizer.from_pretrained(source), labels,
                     max_length=config["dataset"]["max_length"], lambda_=lambda_, metadata=metadata,
-                    extra_json={"training.json": training}, abstain_below=section["abstain_below"])
+                    extra_json={"training.json": training}, abstain=abstain, kb_index=kb_index)
         log.info("router (%s encoder): val accuracy %.4f (full depth %.4f), mean exit layer %.2f of %d; wrote %s",
                  mode, summary["val_accuracy"], summary["val_accuracy_full_depth"], summary["val_mean_layers"],
                  model.num_layers, out_dir)
