@@ -18,7 +18,7 @@ from moegate.config import check_secrets
 
 # a secret in the config stops the run before anything is written, and before validate() could quote it
 check_secrets(config, source="snakemake config")
-validate(config, schema="workflow/schemas/config.schema.yaml")
+validate(config, schema="src/moegate/config.schema.yaml")  # the package ships this same file
 
 
 include: "rules/common.smk"

@@ -39,3 +39,24 @@ def test_post_deploy_installs_moegate_with_its_dependencies():
     assert "--no-deps" not in installs[0], "without dependencies pyproject.toml's floors never reach the env"
     extras = re.search(r"\[([a-z,]+)\]", installs[0]).group(1).split(",")
     assert set(extras) <= set(_pyproject()["project"]["optional-dependencies"])
+
+
+def test_a_wheel_install_validates_a_config(tmp_path):
+    """A non-editable install (a wheel) ships the config schema: config.load works without the checkout."""
+    import subprocess
+    import sys
+
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels), str(ROOT)], check=True, cwd=tmp_path)
+    (wheel,) = wheels.glob("moegate-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, cwd=tmp_path)
+    probe = ("import moegate, moegate.config as c, sys; "
+             "assert moegate.__file__.startswith(sys.argv[1]), moegate.__file__; "
+             "cfg = c.load(sys.argv[2]); print(cfg['router']['encoder_mode'])")
+    out = subprocess.run([sys.executable, "-c", probe, str(site), str(ROOT / "config.yaml")],
+                         cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "frozen"

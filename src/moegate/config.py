@@ -1,6 +1,7 @@
 """Load and validate a run configuration.
 
-The JSON schema in ``workflow/schemas/config.schema.yaml`` is the single source of truth for keys,
+The JSON schema ``config.schema.yaml`` (shipped inside the package; Snakemake validates with the same
+file) is the single source of truth for keys,
 types and defaults: Snakemake validates the same file with ``validate(config, schema)``, and the CLI
 calls :func:`load` here, so a wrong key fails the same way in both before any work starts.
 """
@@ -20,7 +21,7 @@ import yaml
 
 from moegate.errors import MoegateError
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_FILE = "config.schema.yaml"  # package data: one copy, for the CLI, a wheel install and the Snakefile
 
 
 class ConfigError(MoegateError, ValueError):
@@ -28,9 +29,7 @@ class ConfigError(MoegateError, ValueError):
 
 
 def _schema_text() -> str:
-    if SCHEMA_PATH.is_file():  # editable install / source checkout
-        return SCHEMA_PATH.read_text()
-    return resources.files("moegate").joinpath("config.schema.yaml").read_text()  # wheel install
+    return resources.files("moegate").joinpath(SCHEMA_FILE).read_text()
 
 
 def schema() -> dict[str, Any]:
