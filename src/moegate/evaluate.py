@@ -38,11 +38,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from moegate.backbone import BackboneClassifier, classify, load_backbone_classifier
 from moegate.encoder import device as pick_device
 from moegate.io import save_figure, write_json
 from moegate.layout import Layout
-from moegate.train_backbone import BackboneClassifier, classify, load_backbone_classifier, read_labels
-from moegate.training import TokenSplit, load_tokens, to_device
+from moegate.training import TokenSplit, load_tokens, read_labels, to_device
 
 log = logging.getLogger(__name__)
 

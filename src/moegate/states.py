@@ -97,7 +97,7 @@ def _states(config: dict, layout: Layout) -> dict:
 
     from moegate.dact import DactRouterModel, HeadConfig
     from moegate.encoder import device as pick_device
-    from moegate.train_backbone import read_labels
+    from moegate.training import read_labels
 
     t0 = time.perf_counter()
     labels = read_labels(layout)

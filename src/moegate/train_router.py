@@ -33,15 +33,16 @@ from moegate.dact import DactRouterModel, HeadConfig, exit_from_output
 from moegate.encoder import device as pick_device
 from moegate.io import read_json
 from moegate.layout import Layout
-from moegate.train_backbone import check_tokens, read_labels
 from moegate.training import (
     Checkpoint,
     LoopSettings,
     TokenSplit,
+    check_tokens,
     count_parameters,
     file_digest,
     fingerprint,
     load_tokens,
+    read_labels,
     seed_everything,
     to_device,
     train,

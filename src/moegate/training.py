@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moegate.io import atomic_path
+from moegate.io import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
@@ -432,3 +432,23 @@ def trial_reporter(trial, metric: str) -> EpochHook:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# -- the dataset a trainer reads ---------------------------------------------------------------------
+def read_labels(layout) -> list[str]:
+    """The experts, in label order, from the dataset's labels.json (``layout``: a moegate.layout.Layout)."""
+    labels = read_json(layout.labels).get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"{layout.labels}: expected {{\"labels\": [expert, ...]}} with at least 2 names")
+    return labels
+
+
+def check_tokens(split: TokenSplit, num_experts: int, vocab_size: int, model_name: str) -> None:
+    """Fail early, naming the file, when a split does not fit this model and label set."""
+    if len(split) == 0:
+        raise ValueError(f"{split.source}: no rows")
+    if int(split.input_ids.max()) >= vocab_size:
+        raise ValueError(f"{split.source}: token id {int(split.input_ids.max())} outside the vocabulary of "
+                         f"{model_name} ({vocab_size}); was the dataset tokenized with another backbone.model?")
+    if int(split.labels.min()) < 0 or int(split.labels.max()) >= num_experts:
+        raise ValueError(f"{split.source}: labels must lie in 0..{num_experts - 1} (labels.json)")
