@@ -18,7 +18,8 @@ from moegate.config import check_secrets
 
 # a secret in the config stops the run before anything is written, and before validate() could quote it
 check_secrets(config, source="snakemake config")
-validate(config, schema="src/moegate/config.schema.yaml")  # the package ships this same file
+# the package ships this same schema file
+validate(config, schema="src/moegate/config.schema.yaml")
 
 
 include: "rules/common.smk"

@@ -7,7 +7,8 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from moegate.config import dump as dump_config
 from moegate.config import validate as validate_config
-from moegate.layout import STUDIES, Layout
+from moegate import studies
+from moegate.layout import Layout
 
 validate_config(config, source="snakemake config")
 L = Layout.from_config(config)
@@ -20,6 +21,7 @@ if workflow.remote_exec and L.resolved_config.is_file():
     config.update(yaml.safe_load(L.resolved_config.read_text()))
 EXPERTS = list(config["experts"])
 WORKERS = list(range(config["tuning"]["workers"]))
+STUDIES = list(studies.NAMES)
 
 
 def resolved_config():
@@ -56,16 +58,22 @@ def ingest_inputs(wildcards):
 
 
 def tune_inputs(wildcards):
+    """The dataset, the encoder (router studies) and the chosen values of the studies it runs after."""
+    study = studies.get(wildcards.study)
     inputs = list(rules.dataset.output)
-    if wildcards.study != "backbone":
+    if study.trainer == "router":
         inputs += router_encoder_inputs(wildcards)
-    before = {
-        "submodels": [],
-        "training": ["submodels"],
-        "lambda": ["submodels", "training"],
-    }
-    inputs += [str(L.tuned(s)) for s in before.get(wildcards.study, [])]
+    inputs += [str(L.tuned(s)) for s in study.after]
     return inputs
+
+
+def tuned_inputs(trainer):
+    """The chosen values of every study whose trials run ``trainer`` (its rule waits for them)."""
+    return [str(L.tuned(s)) for s in studies.trained_by(trainer)]
+
+
+SINGLE_OBJECTIVE = "|".join(s.name for s in studies.STUDIES if not s.pareto)
+PARETO = [s.name for s in studies.STUDIES if s.pareto]
 
 
 def dataset_kb_inputs(wildcards):
@@ -112,7 +120,7 @@ def final_outputs():
         for e in EXPERTS:
             outs += [str(L.cluster_summary(e)), str(L.cluster_plot(e))]
     outs += [str(L.router / "model.safetensors"), str(L.router / "metrics.json")]
-    outs += [str(L.tuning / "lambda_pareto.csv")]
+    outs += [str(L.pareto(s, "csv")) for s in PARETO]
     return outs
 
 

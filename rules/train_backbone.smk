@@ -1,7 +1,7 @@
 rule train_backbone:
     input:
         rules.dataset.output,
-        str(L.tuned("backbone")),
+        tuned_inputs("backbone"),
     output:
         model=str(L.backbone / "model.safetensors"),
         metrics=str(L.backbone / "metrics.json"),

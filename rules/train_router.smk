@@ -2,7 +2,7 @@ rule train_router:
     input:
         rules.dataset.output,
         router_encoder_inputs,
-        [str(L.tuned(s)) for s in ("submodels", "training", "lambda")],
+        tuned_inputs("router"),
     output:
         model=str(L.router / "model.safetensors"),
         config=str(L.router / "config.json"),

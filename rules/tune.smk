@@ -1,5 +1,5 @@
-# Each study: N worker jobs share one Optuna study (storage from config), then a cheap collect rule
-# writes the chosen values to tuning/{study}.json, where the next stage reads them.
+# Each study (moegate.studies): N worker jobs share one Optuna study (storage from config), then a cheap
+# collect rule writes the chosen values to tuning/{study}.json, where the next stage reads them.
 
 
 # The study is created once before its workers start: N workers creating Optuna's tables on an empty
@@ -14,7 +14,7 @@ rule tune_create:
     params:
         config=CONFIG,
     shell:
-        "moegate tune {wildcards.study} --config {params.config:q} --create 2> {log:q}"
+        "moegate tune create {wildcards.study} --config {params.config:q} 2> {log:q}"
 
 
 rule tune_worker:
@@ -36,7 +36,7 @@ rule tune_worker:
     params:
         config=CONFIG,
     shell:
-        "moegate tune {wildcards.study} --config {params.config:q} --worker {wildcards.worker} 2> {log:q}"
+        "moegate tune worker {wildcards.study} --index {wildcards.worker} --config {params.config:q} 2> {log:q}"
 
 
 rule tune_collect:
@@ -47,23 +47,24 @@ rule tune_collect:
     log:
         str(L.logs / "tune" / "{study}.collect.log"),
     wildcard_constraints:
-        study="backbone|submodels|training",
+        study=SINGLE_OBJECTIVE,
     conda:
         "../envs/moegate.yaml"
     params:
         config=CONFIG,
     shell:
-        "moegate tune {wildcards.study} --config {params.config:q} --collect 2> {log:q}"
+        "moegate tune collect {wildcards.study} --config {params.config:q} 2> {log:q}"
 
 
+# the two-objective λ study (studies.Study.pareto) also writes its Pareto table and plot
 rule tune_lambda_collect:
     input:
         expand(str(L.worker_done("lambda", "{worker}")), worker=WORKERS),
     output:
         chosen=str(L.tuned("lambda")),
-        pareto=str(L.tuning / "lambda_pareto.csv"),
+        pareto=str(L.pareto("lambda", "csv")),
         plot=report(
-            str(L.tuning / "lambda_pareto.png"),
+            str(L.pareto("lambda", "png")),
             caption="../workflow/report/pareto.rst",
             category="Tuning",
         ),
@@ -74,4 +75,4 @@ rule tune_lambda_collect:
     params:
         config=CONFIG,
     shell:
-        "moegate tune lambda --config {params.config:q} --collect 2> {log:q}"
+        "moegate tune collect lambda --config {params.config:q} 2> {log:q}"

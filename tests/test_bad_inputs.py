@@ -286,7 +286,7 @@ CASES = [
     ("cli-unknown-expert", lambda tmp, fixture: Bad(lambda: cli("ingest", "--config", write_config(tmp),
                                                                  "--expert", "nobody"), [tmp / "results"]),
      2, "--expert 'nobody' is not in config.experts"),
-    ("cli-unknown-study", lambda tmp, fixture: Bad(lambda: cli("tune", "nonsense", "--config", write_config(tmp)),
+    ("cli-unknown-study", lambda tmp, fixture: Bad(lambda: cli("tune", "worker", "nonsense", "--config", write_config(tmp)),
                                                    [tmp / "results"]),
      2, "unknown study 'nonsense'"),
     # ingest: an export that cannot be read is an error naming the file and line

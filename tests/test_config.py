@@ -84,3 +84,26 @@ def test_a_secret_in_the_config_is_refused_without_echoing_it(tmp_path, sections
     with pytest.raises(ConfigError, match=key) as e:
         load(write_config(tmp_path, **sections))
     assert "hunter2" not in str(e.value)
+
+
+def test_settings_classes_take_their_defaults_from_the_schema():
+    """HeadConfig, LoopSettings and OpenAISettings hold no defaults of their own: a bare constructor
+    gives the schema's section, so a direct call and a config through config.load cannot drift apart."""
+    from dataclasses import asdict
+
+    from moegate.config import defaults
+    from moegate.dact import HeadConfig
+    from moegate.llm import OpenAISettings
+    from moegate.training import LoopSettings
+
+    assert HeadConfig().to_dict() == defaults("router.head")
+    assert asdict(OpenAISettings()) == defaults("synthesize.openai")
+    loop = asdict(LoopSettings())
+    assert loop.pop("head_learning_rate") is None and loop.pop("seed") == defaults("seed")
+    backbone = defaults("backbone")
+    assert loop == {k: backbone[k] for k in loop}
+    # the router section's loop keys differ from the backbone's only where the schema says so
+    router = defaults("router")
+    assert set(loop) <= set(router) and set(loop) <= set(router["probe"])
+    with pytest.raises(KeyError, match="no config section 'router.nope'"):
+        defaults("router.nope")

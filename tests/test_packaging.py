@@ -46,9 +46,15 @@ def test_a_wheel_install_validates_a_config(tmp_path):
     import subprocess
     import sys
 
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    import shutil
+
+    # built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    source, wheels, site = tmp_path / "source", tmp_path / "wheels", tmp_path / "site"
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(wheels), str(ROOT)], check=True, cwd=tmp_path)
+                    "-w", str(wheels), str(source)], check=True, cwd=tmp_path)
     (wheel,) = wheels.glob("moegate-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, cwd=tmp_path)

@@ -9,12 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
 
 from moegate.dact import DactRouterModel, HeadConfig
-from moegate.router import Router, RouteResult, save_router
+from moegate.router import (
+    FORMAT_VERSION,
+    MODEL_TYPE,
+    Router,
+    RouterError,
+    RouteResult,
+    save_router,
+    write_model_card,
+)
 
 LABELS = ["dsci_101", "dsci_dl_510", "dsci_vis_510"]
 MAX_LENGTH = 32
@@ -60,7 +69,8 @@ def save(backbone_dir: Path, out: Path, **kwargs) -> tuple[Path, DactRouterModel
         "labels": LABELS,
         "max_length": MAX_LENGTH,
         "lambda_": 0.05,
-        "metadata": {"backbone_model": "tiny-random-bert", "training": {"epochs": 1}, "studies": {}},
+        "metadata": {"backbone_model": "tiny-random-bert", "training": {"epochs": 1}, "studies": {},
+                     "val": {"accuracy": 0.75, "mean_layers": 1.5}},
         "extra_json": {"training.json": {"epochs": [{"epoch": 1, "val_loss": 1.0}]}},
         **kwargs,
     }
@@ -101,6 +111,62 @@ def test_router_directory_holds_the_contracted_files(saved):
     assert json.loads((path / "training.json").read_text())["epochs"][0]["epoch"] == 1
     card = (path / "README.md").read_text()
     assert all(label in card for label in LABELS) and "Router.from_pretrained" in card
+
+
+def test_router_directory_reads_like_a_hugging_face_model_directory(saved, tmp_path):
+    from transformers import AutoConfig
+
+    path, _ = saved
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == MODEL_TYPE and config["moegate_router"] == FORMAT_VERSION == 2
+    assert config["id2label"] == {str(i): label for i, label in enumerate(LABELS)}
+    assert config["label2id"] == {label: i for i, label in enumerate(LABELS)}
+    backbone = AutoConfig.from_pretrained(path, subfolder="backbone")  # plain transformers, no moegate
+    assert backbone.model_type == "bert" and backbone.hidden_size == 32 and backbone.num_hidden_layers == 3
+    assert "backbone" not in config["tokenizer_files"]
+    card = (path / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "moegate" and front["base_model"] == "tiny-random-bert"
+    assert "early-exit" in front["tags"]
+    [val] = front["model-index"][0]["results"]
+    assert val["dataset"]["split"] == "validation"
+    assert {m["type"]: m["value"] for m in val["metrics"]} == {"accuracy": 0.75, "mean_exit_layer": 1.5}
+
+    # the evaluate stage rewrites the card with the test split's metrics
+    copy = broken_copy(path, tmp_path)
+    write_model_card(copy, {"router_early_exit": {"accuracy": 0.8125, "mean_layers": 2.0}})
+    front = yaml.safe_load((copy / "README.md").read_text().split("---\n")[1])
+    test = front["model-index"][0]["results"][1]
+    assert test["dataset"]["split"] == "test"
+    assert {m["type"]: m["value"] for m in test["metrics"]} == {"accuracy": 0.8125, "mean_exit_layer": 2.0}
+    assert Router.from_pretrained(copy, device="cpu").labels == LABELS  # the card is no part of the checks
+
+
+def test_format_1_directories_load_and_unknown_formats_are_refused(saved, router, tmp_path):
+    path = broken_copy(saved[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    for key in ("model_type", "id2label", "label2id"):  # format 1 had none of these, nor backbone/
+        del config[key]
+    config["moegate_router"] = 1
+    (path / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(path / "backbone")
+    old = Router.from_pretrained(path, device="cpu")
+    texts = ["What is a p-value?", "backpropagation through a convolution"]
+    assert [r.to_dict() for r in old.route(texts)] == [r.to_dict() for r in router.route(texts)]
+    write_model_card(path)  # a format-1 card can be rewritten too
+
+    config["moegate_router"] = 3
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RouterError, match=r"router format 3, this moegate .* reads formats 1, 2; upgrade moegate"):
+        Router.from_pretrained(path, device="cpu")
+    config.update(moegate_router=2, model_type="bert")
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RouterError, match="key 'model_type' is 'bert', expected 'moegate-dact-router'"):
+        Router.from_pretrained(path, device="cpu")
+    config.update(model_type=MODEL_TYPE, id2label={"0": LABELS[1], "1": LABELS[0], "2": LABELS[2]})
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RouterError, match="key 'id2label' .* does not match 'labels'"):
+        Router.from_pretrained(path, device="cpu")
 
 
 def test_saving_again_replaces_the_directory(tiny_bert_dir, tmp_path):

@@ -433,7 +433,7 @@ def test_no_optuna_trial_is_lost_or_left_running(scenario):
 
 @pytest.mark.slurm
 def test_submitit_tuning_workers_run_as_a_slurm_job_array(slurm, tmp_path, tiny_bert_dir):
-    """``moegate tune backbone --workers 2`` (launcher slurm) on a labelled dataset and the tiny backbone."""
+    """``moegate tune launch backbone --workers 2`` (launcher slurm) on a labelled dataset and the tiny backbone."""
     from conftest import tiny_questions
 
     from moegate.config import load
@@ -451,7 +451,7 @@ def test_submitit_tuning_workers_run_as_a_slurm_job_array(slurm, tmp_path, tiny_
     dataset(load(path))  # the stage before tuning, here in-process
 
     t0 = time.monotonic()
-    proc = subprocess.run([str(BIN / "moegate"), "tune", "backbone", "--config", str(path), "--workers", "2"],
+    proc = subprocess.run([str(BIN / "moegate"), "tune", "launch", "backbone", "--config", str(path), "--workers", "2"],
                           cwd=tmp_path, env=run_env(slurm), capture_output=True, text=True, timeout=600,
                           check=False)
     wall = time.monotonic() - t0

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import service_unavailable, write_config
+from conftest import REPO, service_unavailable, write_config
 from optuna.trial import TrialState
 
 from moegate.config import ConfigError, load
+from moegate.errors import MoegateError
 from moegate.storage import OWNER_KEY, STALE_KEY, open_storage, study_name
 from moegate.tune import (
     RELEASED_KEY,
@@ -235,6 +237,8 @@ def test_worker_meets_the_budget_collect_writes_the_best_and_a_rerun_continues(t
     assert saved["best_trial"] == best["number"] and saved["best_value"] == best["values"][0]
     assert saved["trials"][0]["worker"]["pid"] == os.getpid()
     assert saved["trials"][0]["metrics"]["val_loss"] >= 0  # scalar fit results are kept; curves are not
+    assert optuna.load_study(study_name=saved["study"], storage=open_storage(config)).metric_names == [
+        config["tuning"]["backbone"]["metric"]]  # named in optuna-dashboard
     assert "curves" not in saved["trials"][0]["metrics"]
     # the budget is met: a rerun adds nothing; a larger budget continues the same study
     assert worker(config, "backbone", 1, objective=sleepy_objective)["ran"] == {}
@@ -308,6 +312,8 @@ def test_lambda_study_writes_the_front_and_the_chosen_lambda(tmp_path):
     config = load(write_config(tmp_path, tuning={"lambda": {"n_trials": 6, "sampler": "random"}}))
     worker(config, "lambda", 0, objective=lambda_objective)
     out = collect(config, "lambda")
+    st = optuna.load_study(study_name=out["study"], storage=open_storage(config))
+    assert st.metric_names == ["val_accuracy", "val_mean_layers"]  # both objectives named in optuna-dashboard
     csv = (tmp_path / "results" / "tuning" / "lambda_pareto.csv").read_text().splitlines()
     assert csv[0] == "trial,router.lambda_,val_accuracy,val_mean_layers,val_accuracy_full_depth,val_nll,pareto,chosen"
     assert len(csv) == 7 and sum(line.endswith(",True") for line in csv) == 1  # one chosen row
@@ -454,6 +460,85 @@ def test_launch_on_slurm_runs_the_workers_as_a_job_array(tiny_run, tmp_path_fact
         assert slurm_jobs <= {j["job_id"] for j in jobs} and None not in slurm_jobs
     finally:
         cluster.stop()
+
+
+# -- the registry of studies and the command line ----------------------------------------------------
+
+def test_the_study_registry_is_a_topological_order_every_reader_shares():
+    from moegate import studies
+    from moegate.train_router import TUNED_STUDIES
+
+    assert studies.NAMES == ("backbone", "submodels", "training", "lambda")
+    for i, study in enumerate(studies.STUDIES):
+        assert set(study.after) <= set(studies.NAMES[:i]), f"{study.name} runs after a later or unknown study"
+        assert studies.overlaid_before(study.name) == studies.NAMES[:i]
+        assert len(study.metrics) == len(study.directions)
+    assert TUNED_STUDIES == studies.NAMES
+    assert studies.trained_by("backbone") + studies.trained_by("router") == studies.NAMES
+    assert [s.name for s in studies.STUDIES if s.pareto] == ["lambda"]
+    with pytest.raises(MoegateError, match="unknown study 'nonsense'; expected one of backbone, submodels"):
+        studies.get("nonsense")
+
+
+def test_the_rules_see_the_registry_studies(tmp_path):
+    """The dry run of the workflow: one tune_create, tune_worker and collect job per registered study."""
+    from moegate import studies
+
+    (tmp_path / "data").symlink_to(REPO / "data")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(REPO / "Snakefile"),
+                           "-d", str(tmp_path), "--configfile", str(REPO / "config.yaml")],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for rule in ("tune_create", "tune_worker"):
+        shown = set(re.findall(rf"rule {rule}:\n(?:.*\n)*?\s+wildcards: study=(\w+)", proc.stdout))
+        assert shown == set(studies.NAMES), rule
+    collected = set(re.findall(r"output: results/tuning/(\w+)\.json", proc.stdout))
+    assert collected == set(studies.NAMES)
+
+
+def test_cli_version_help_and_one_line_errors(tmp_path):
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from moegate import __version__
+    from moegate.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).output.strip() == f"moegate {__version__}"
+    commands = get_command(app)
+    for path, command in _commands(commands, ["moegate"]):
+        undocumented = [p.name for p in command.params if p.name != "help" and not getattr(p, "help", None)]
+        assert not undocumented, f"{' '.join(path)}: options without help: {undocumented}"
+        assert runner.invoke(app, [*path[1:], "--help"]).exit_code == 0, path
+    for action in ("create", "worker", "collect", "launch"):
+        assert "backbone, submodels, training, lambda" in runner.invoke(app, ["tune", action, "--help"]).output
+    config = write_config(tmp_path)
+    for argv, message in ((["tune", "worker", "nonsense"], "error: unknown study 'nonsense'; expected one of"),
+                          (["tune", "backbone", "--worker", "0"], "error: moegate tune: no action 'backbone'")):
+        result = runner.invoke(app, [*argv, "--config", str(config)])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert result.output.startswith(message)
+
+
+def _commands(command, path):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, [*path, name])
+
+
+def test_tune_commands_run_create_worker_collect(tmp_path):
+    """The rules' three commands on a study with n_trials 0 (no storage, no training): what each writes."""
+    from typer.testing import CliRunner
+
+    from moegate.cli import app
+
+    config = write_config(tmp_path, tuning={"training": {"n_trials": 0}})
+    runner = CliRunner()
+    for argv in (["create", "training"], ["worker", "training", "--index", "1"], ["collect", "training"]):
+        result = runner.invoke(app, ["tune", *argv, "--config", str(config)])
+        assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "results" / "tuning" / "training.json").read_text())
+    assert saved["params"] == {} and saved["n_trials"] == 0
 
 
 def _main(argv: list[str]) -> None:

@@ -49,8 +49,20 @@ def _expert(config: dict, name: str) -> str:
     return name
 
 
+def _version(value: bool) -> None:
+    if value:
+        from moegate import __version__
+
+        typer.echo(f"moegate {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -68,7 +80,7 @@ def ingest(expert: str = typer.Option(..., help="expert name from config.experts
 
 
 @app.command()
-def cluster(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
+def cluster(expert: str = typer.Option(..., help="expert name from config.experts"), config: Path = ConfigOpt) -> None:
     """PCA + HDBSCAN over one expert's chunk embeddings."""
     from moegate.cluster import cluster as run
 
@@ -77,7 +89,7 @@ def cluster(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
 
 
 @app.command()
-def synthesize(expert: str = typer.Option(...), config: Path = ConfigOpt) -> None:
+def synthesize(expert: str = typer.Option(..., help="expert name from config.experts"), config: Path = ConfigOpt) -> None:
     """Write likely student questions for each context of one expert's clusters."""
     from moegate.synthesize import synthesize as run
 
@@ -109,31 +121,78 @@ def train_backbone(config: Path = ConfigOpt) -> None:
     run(_config(config))
 
 
-@app.command()
-def tune(
-    study: str = typer.Argument(..., help="backbone | submodels | training | lambda"),
-    config: Path = ConfigOpt,
-    worker: Optional[int] = typer.Option(None, help="run one worker in this process (what a Snakemake job does)"),
-    workers: Optional[int] = typer.Option(None, help="launch N workers (default tuning.workers)"),
-    launcher: str = typer.Option("slurm", help="slurm (submitit job array) | local (processes here)"),
-    collect: bool = typer.Option(False, "--collect", help="write tuning/{study}.json from the finished study"),
-    create: bool = typer.Option(False, "--create", help="create the study in the storage (before workers start)"),
-) -> None:
-    """Run Optuna workers for one study, or create it, or collect its best values."""
-    from moegate import tune as tuning
-    from moegate.layout import STUDIES
+def _study(name: str) -> str:
+    """A study name from :mod:`moegate.studies`; an unknown one is a MoegateError (one line, exit 2)."""
+    from moegate import studies
 
-    cfg = _config(config)
-    if study not in STUDIES:
-        raise MoegateError(f"unknown study {study!r}; expected one of {', '.join(STUDIES)}")
-    if collect:
-        tuning.collect(cfg, study)
-    elif create:
-        tuning.create(cfg, study)
-    elif worker is not None:
-        tuning.worker(cfg, study, worker)
-    else:
-        tuning.launch(cfg, study, workers=workers, launcher=launcher, config_path=config)
+    return studies.get(name).name
+
+
+def _study_argument():
+    from moegate.studies import NAMES
+
+    # a plain str checked by the registry rather than an Enum: a click choice error is a usage block, not one line
+    return typer.Argument(..., callback=_study, metavar="STUDY", show_default=False, autocompletion=lambda: list(NAMES),
+                          help=f"one of {', '.join(NAMES)} (moegate.studies, in the order they run)")
+
+
+class _TuneCommands(_Commands):
+    """``moegate tune ACTION STUDY``; the old ``moegate tune STUDY --flag`` form gets a one-line pointer."""
+
+    def resolve_command(self, ctx, args):
+        from moegate.studies import NAMES
+
+        if args and args[0] not in self.commands and (args[0] in NAMES or not args[0].startswith("-")):
+            raise MoegateError(f"moegate tune: no action {args[0]!r}; expected moegate tune "
+                               f"{{{'|'.join(self.commands)}}} STUDY (STUDY: one of {', '.join(NAMES)})")
+        return super().resolve_command(ctx, args)
+
+
+tune_app = typer.Typer(cls=_TuneCommands, no_args_is_help=True,
+                       help="Optuna studies: create one, run its workers, collect its chosen values.")
+app.add_typer(tune_app, name="tune")
+
+
+@tune_app.command("create")
+def tune_create(study: str = _study_argument(), config: Path = ConfigOpt) -> None:
+    """Create the study in the storage (once, before its workers start): the tune_create rule."""
+    from moegate import tune as tuning
+
+    tuning.create(_config(config), study)
+
+
+@tune_app.command("worker")
+def tune_worker(
+    study: str = _study_argument(),
+    index: int = typer.Option(0, "--index", "-i", min=0,
+                              help="this worker's number (0 .. tuning.workers-1): its seed and log name"),
+    config: Path = ConfigOpt,
+) -> None:
+    """Run one worker in this process until the study's shared budget is met: the tune_worker rule."""
+    from moegate import tune as tuning
+
+    tuning.worker(_config(config), study, index)
+
+
+@tune_app.command("collect")
+def tune_collect(study: str = _study_argument(), config: Path = ConfigOpt) -> None:
+    """Write tuning/{study}.json (λ: also its Pareto table and plot) from the finished study: the collect rule."""
+    from moegate import tune as tuning
+
+    tuning.collect(_config(config), study)
+
+
+@tune_app.command("launch")
+def tune_launch(
+    study: str = _study_argument(),
+    config: Path = ConfigOpt,
+    workers: Optional[int] = typer.Option(None, min=1, help="how many workers to run (default tuning.workers)"),
+    launcher: str = typer.Option("slurm", help="slurm (a submitit job array) | local (processes on this machine)"),
+) -> None:
+    """Create the study, run N workers, wait, and collect: a study by hand, outside Snakemake."""
+    from moegate import tune as tuning
+
+    tuning.launch(_config(config), study, workers=workers, launcher=launcher, config_path=config)
 
 
 @app.command("train-router")

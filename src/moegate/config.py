@@ -9,6 +9,7 @@ calls :func:`load` here, so a wrong key fails the same way in both before any wo
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from importlib import resources
@@ -34,6 +35,36 @@ def _schema_text() -> str:
 
 def schema() -> dict[str, Any]:
     return yaml.safe_load(_schema_text())
+
+
+@functools.cache
+def _schema_cached() -> dict[str, Any]:
+    return schema()
+
+
+def defaults(section: str) -> dict[str, Any]:
+    """The schema's defaults of one config section, e.g. ``defaults("router.head")``: key -> default, nested
+    sections filled the way :func:`validate` fills them. Classes that take a section (HeadConfig,
+    LoopSettings, OpenAISettings) read their defaults here, so they live once, in the schema."""
+    node = _schema_cached()
+    for key in section.split("."):
+        props = node.get("properties") or {}
+        if key not in props:
+            raise KeyError(f"{SCHEMA_FILE}: no config section {section!r} (at {key!r})")
+        node = props[key]
+    return _fill(node, copy.deepcopy(node.get("default", {})))
+
+
+def _fill(node: dict[str, Any], value: Any) -> Any:
+    """``value`` with the defaults of ``node``'s properties filled in, recursively (objects only)."""
+    if not isinstance(value, dict):
+        return value
+    for name, sub in (node.get("properties") or {}).items():
+        if name not in value and "default" in sub:
+            value[name] = copy.deepcopy(sub["default"])
+        if name in value:
+            value[name] = _fill(sub, value[name])
+    return value
 
 
 def _with_defaults(validator_class):

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moegate.config import defaults as config_defaults
+
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -74,22 +76,25 @@ EXIT_RULES = {EXIT_RULE["name"]: EXIT_RULE}  # the rules exit_condition implemen
 _BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")
 _SUPPORTED = _BERT_LIKE + ("distilbert",)
 
+_HEAD = config_defaults("router.head")
+
 
 @dataclass
 class HeadConfig:
     """The DACT unit's shape; the keys are config ``router.head`` (``HeadConfig(**section)``)."""
 
-    projection_dim: int = 256  # u_n = act(W c_n): a small shared gate space, cheap on 768-d backbones
-    depth: int = 1  # hidden layers in each classifier / halting head; 0 = one linear map
-    width: int = 128  # units per hidden layer
-    dropout: float = 0.1  # on u_n and after every hidden layer (training only)
-    batch_norm: bool = False  # BatchNorm1d after hidden layers; needs training batches of ≥ 2
-    activation: str = "gelu"  # relu | gelu | tanh, for the projection and the hidden layers
-    pooling: str = "cls"  # what each unit reads: cls = c_n at position 0; mean = the masked token mean
-    # (sentence-transformers backbones such as MiniLM were trained for mean pooling)
-    classifier: str = "mlp"  # mlp = an MLP per layer on u_n; prototypes = cosine to each expert's prototypes
-    prototypes: int = 32  # per expert and layer (classifier = prototypes): a course is many topics
-    prototype_top_k: int = 3  # an expert's score is the mean of its top-k prototype cosines
+    # defaults: the schema's router.head (config.defaults), so a bare HeadConfig() is the config's default
+    projection_dim: int = _HEAD["projection_dim"]  # u_n = act(W c_n): a small shared gate space
+    depth: int = _HEAD["depth"]  # hidden layers in each classifier / halting head; 0 = one linear map
+    width: int = _HEAD["width"]  # units per hidden layer
+    dropout: float = _HEAD["dropout"]  # on u_n and after every hidden layer (training only)
+    batch_norm: bool = _HEAD["batch_norm"]  # BatchNorm1d after hidden layers; needs training batches of ≥ 2
+    activation: str = _HEAD["activation"]  # relu | gelu | tanh, for the projection and the hidden layers
+    pooling: str = _HEAD["pooling"]  # what each unit reads: cls = c_n at position 0; mean = the masked token
+    # mean (sentence-transformers backbones such as MiniLM were trained for mean pooling)
+    classifier: str = _HEAD["classifier"]  # mlp = an MLP per layer on u_n; prototypes = cosine to prototypes
+    prototypes: int = _HEAD["prototypes"]  # per expert and layer (classifier = prototypes): a course is many topics
+    prototype_top_k: int = _HEAD["prototype_top_k"]  # an expert's score: mean of its top-k prototype cosines
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:

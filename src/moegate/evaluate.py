@@ -361,7 +361,7 @@ def score_real_questions(config: dict, layout: Layout, labels: list[str], router
 def evaluate(config: dict) -> dict:
     """Score (a) early exit, (b) full depth and (c) the backbone on every test row (and, with
     ``evaluate.real_questions``, every method on those rows); write the outputs, return the metrics."""
-    from moegate.router import Router
+    from moegate.router import Router, write_model_card
 
     t0 = time.perf_counter()
     layout = Layout.from_config(config)
@@ -432,6 +432,7 @@ def evaluate(config: dict) -> dict:
         "backbone classifier": systems["backbone"]})
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 3)
     write_json(layout.router / "metrics.json", metrics)
+    write_model_card(layout.router, metrics)  # the card's front matter carries the test metrics
     log.info("evaluate: %d test rows; accuracy early exit %.4f, full depth %.4f, backbone %.4f; "
              "mean exit layer %.2f of %d; agreement %.4f", len(truth), systems["router_early_exit"]["accuracy"],
              systems["router_full_depth"]["accuracy"], systems["backbone"]["accuracy"], exits["mean_layers"],

@@ -10,8 +10,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-STUDIES = ("backbone", "submodels", "training", "lambda")
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -111,7 +109,12 @@ class Layout:
         return self.results / "tuning"
 
     def tuned(self, study: str) -> Path:
+        """A study's chosen values (the studies themselves are in :mod:`moegate.studies`)."""
         return self.tuning / f"{study}.json"
+
+    def pareto(self, study: str, ext: str) -> Path:
+        """A two-objective study's Pareto table (csv) or plot (png)."""
+        return self.tuning / f"{study}_pareto.{ext}"
 
     def worker_done(self, study: str, worker: int | str) -> Path:
         return self.tuning / study / f"worker{worker}.done"

@@ -39,6 +39,7 @@ from typing import Any
 import jsonschema
 from tqdm import tqdm
 
+from moegate.config import defaults as config_defaults
 from moegate.config import looks_like_secret
 from moegate.errors import MoegateError
 from moegate.io import write_json
@@ -92,21 +93,24 @@ class BadReply(ValueError):
     """A reply that does not hold a list of questions; the message says what was wrong."""
 
 
+_OPENAI = config_defaults("synthesize.openai")
+
+
 @dataclass(frozen=True)
 class OpenAISettings:
-    """``synthesize.openai`` of the config (see the schema for each key's meaning)."""
+    """``synthesize.openai`` of the config (see the schema for each key's meaning and its default)."""
 
-    model: str = "gpt-4o-mini"
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = 0.7
-    max_tokens: int = 600
-    concurrency: int = 4
-    max_retries: int = 3
-    max_wait_s: float = 60.0
-    timeout_s: float = 60.0
-    response_format: str = "json_object"
-    max_bad_replies: int = 2
+    model: str = _OPENAI["model"]
+    base_url: str | None = _OPENAI["base_url"]
+    api_key_env: str = _OPENAI["api_key_env"]
+    temperature: float = float(_OPENAI["temperature"])
+    max_tokens: int = int(_OPENAI["max_tokens"])
+    concurrency: int = int(_OPENAI["concurrency"])
+    max_retries: int = int(_OPENAI["max_retries"])
+    max_wait_s: float = float(_OPENAI["max_wait_s"])
+    timeout_s: float = float(_OPENAI["timeout_s"])
+    response_format: str = _OPENAI["response_format"]
+    max_bad_replies: int = int(_OPENAI["max_bad_replies"])
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> OpenAISettings:

@@ -4,12 +4,16 @@
     router = Router.from_pretrained("results/router")
     router.route(["What is a p-value?"])[0].expert    # -> "dsci_101"
 
-A router directory holds ``config.json`` (the backbone's HF config, labels, head config, λ, the exit
-rule, max length, the abstain score and its calibrated threshold, training metadata),
+A router directory is laid out like a Hugging Face model directory. It holds ``config.json``
+(``model_type`` "moegate-dact-router", the format version, labels with ``id2label`` / ``label2id``, the
+backbone's HF config, head config, λ, the exit rule, max length, the abstain score and its calibrated
+threshold, training metadata), ``backbone/config.json`` (the backbone's HF config again, where
+``AutoConfig.from_pretrained(dir, subfolder="backbone")`` reads it),
 ``model.safetensors`` (the whole DactRouterModel state: encoder + DACT units), the tokenizer files,
 ``kb_index.safetensors`` when the router abstains on ``kb_similarity`` (the KB windows' last-layer
-states, :mod:`moegate.abstain`), a ``README.md`` model card, and any extra JSON files the trainer adds
-(``training.json``). Loading uses safetensors only: no pickle, no ``torch.load``. Directories saved
+states, :mod:`moegate.abstain`), a ``README.md`` model card with YAML front matter (rewritten with the
+test metrics by the evaluate stage), and any extra JSON files the trainer adds (``training.json``).
+Directories of format 1 (no model_type, id2label or backbone/) load as they are. Loading uses safetensors only: no pickle, no ``torch.load``. Directories saved
 before the abstain block existed load as before: ``abstain_below`` is a threshold on the probability.
 
 A damaged directory does not route: loading refuses a missing tokenizer file (HF would silently fall
@@ -41,11 +45,18 @@ from moegate.io import atomic_dir, pinned_dir, read_json, wait_for_swap, write_j
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # config.json "moegate_router": bump when the directory layout changes
+FORMAT_VERSION = 2  # config.json "moegate_router": bump when the directory layout changes
+# 1: no model_type / id2label / backbone/; it loads as it is (nothing it holds has changed meaning)
+READ_FORMATS = (1, FORMAT_VERSION)
+MODEL_TYPE = "moegate-dact-router"  # config.json "model_type", as in a Hugging Face model directory
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
-_RESERVED = {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, KB_INDEX_FILE}
+METRICS_FILE = "metrics.json"  # written by the evaluate stage
+# backbone/config.json: the backbone's HF config, for AutoConfig.from_pretrained(dir, subfolder="backbone")
+# (transformers does not know MODEL_TYPE, so it cannot read the top-level config.json)
+BACKBONE_DIR = "backbone"
+_RESERVED = {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, KB_INDEX_FILE, BACKBONE_DIR}
 LOAD_ATTEMPTS = 3  # loads of a directory that an atomic_dir swap replaced mid-load, before giving up
 
 
@@ -98,9 +109,12 @@ def save_router(
         raise ValueError(f"save_router: the tokenizer has {len(tokenizer)} tokens, the backbone only {rows} "
                          "embedding rows: not the backbone's tokenizer")
     config = {
+        "model_type": MODEL_TYPE,
         "moegate_router": FORMAT_VERSION,
         "moegate_version": __version__,
         "labels": labels,
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+        "label2id": {label: i for i, label in enumerate(labels)},
         "num_experts": model.num_experts,
         "num_layers": model.num_layers,
         "max_length": int(max_length),
@@ -118,6 +132,7 @@ def save_router(
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        model.encoder.config.save_pretrained(tmp / BACKBONE_DIR)
         # what loading checks: a missing tokenizer file would make HF fall back to another vocabulary,
         # and a weights file damaged into other finite values passes every other check
         config["tokenizer_files"] = sorted(p.name for p in tmp.iterdir() if p.name not in _RESERVED)
@@ -162,16 +177,46 @@ def _abstain_block(abstain: dict | None, abstain_below: float | None, kb_index, 
     return abstain
 
 
-def _model_card(config: dict) -> str:
+def _model_card(config: dict, metrics: dict | None = None) -> str:
+    """README.md: YAML front matter (the Hub's model card metadata) and what the router does.
+    Its metrics: the validation split's at training time, and the test split's once evaluate has run."""
+    import yaml
+
     backbone = config["backbone"]
-    source = (config["metadata"] or {}).get("backbone_model") or backbone.get("_name_or_path") or backbone["model_type"]
+    metadata = config.get("metadata") or {}
+    source = metadata.get("backbone_model") or backbone.get("_name_or_path") or backbone["model_type"]
     experts = "\n".join(f"  - `{x}`" for x in config["labels"])
-    return f"""# moegate router
+    results = []
+    val = metadata.get("val") or {}
+    if val:
+        results.append(_card_result("validation", "synthetic questions, validation split", val.get("accuracy"),
+                                    val.get("mean_layers")))
+    if metrics:
+        exit_ = metrics.get("router_early_exit") or {}
+        results.append(_card_result("test", "synthetic questions, test split", exit_.get("accuracy"),
+                                    exit_.get("mean_layers")))
+    front = {
+        "library_name": "moegate",
+        "pipeline_tag": "text-classification",
+        "tags": ["moegate", "query-routing", "early-exit", "dact", "mixture-of-experts", "rag"],
+        "base_model": str(source),
+    }
+    results = [r for r in results if r["metrics"]]
+    if results:
+        front["model-index"] = [{"name": "moegate router", "results": results}]
+    evaluated = ("Evaluation results are in `metrics.json`." if metrics else
+                 "Evaluation results, when the evaluate stage has run, are in `metrics.json`.")
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip()}
+---
+
+# moegate router
 
 A DACT early-exit query router for a Mixture of RAG experts: it reads a question and names the
 expert, with a probability for every expert, leaving the encoder as soon as the answer cannot change.
 
-- backbone: `{source}` ({backbone['model_type']}, {config['num_layers']} layers)
+- backbone: `{source}` ({backbone['model_type']}, {config['num_layers']} layers); its HF config is
+  `backbone/config.json` (`AutoConfig.from_pretrained(dir, subfolder="backbone")`)
 - experts ({config['num_experts']}):
 {experts}
 - ponder cost λ = {config['lambda_']}; max length {config['max_length']} tokens
@@ -186,8 +231,29 @@ router.route("your question")  # .expert, .probability, .exit_layer, .distributi
 
 Command line: `moegate route --router path/to/this/dir "your question"`; over HTTP:
 `moegate serve --router path/to/this/dir`.
-Evaluation results, when the evaluate stage has run, are in `metrics.json`.
+{evaluated}
 """
+
+
+def _card_result(split: str, name: str, accuracy, mean_layers) -> dict:
+    """One model-index result of the card: accuracy and mean exit layer of the early exit on ``split``."""
+    found = [{"type": "accuracy", "name": f"{split} accuracy (early exit)", "value": accuracy},
+             {"type": "mean_exit_layer", "name": f"{split} mean exit layer", "value": mean_layers}]
+    return {"task": {"type": "text-classification", "name": "query routing"},
+            "dataset": {"type": "moegate-synthetic", "name": name, "split": split},
+            "metrics": [{**m, "value": round(float(m["value"]), 4)} for m in found if m["value"] is not None]}
+
+
+def write_model_card(path: str | os.PathLike, metrics: dict | None = None) -> Path:
+    """Rewrite the README.md of the router directory ``path`` from its config.json, with the test
+    metrics of the evaluate stage (``metrics``, what it writes to metrics.json) in the front matter."""
+    path = Path(path)
+    card = path / CARD_FILE
+    config = _read_router_config(path / CONFIG_FILE)
+    if "abstain" not in config:  # format 1 before the abstain block
+        config["abstain"] = {"score": "probability", "threshold": config.get("abstain_below")}
+    write_text(card, _model_card(config, metrics))
+    return card
 
 
 # -- loading and routing -----------------------------------------------------------------------------
@@ -320,6 +386,11 @@ class Router:
             raise RouterError(f"{weights}: its sha256 differs from weights_sha256 in {CONFIG_FILE}, recorded when the "
                               "router was saved: the file was damaged or replaced since; restore it or retrain")
         model.load_state_dict(state, strict=True)
+        # after the weights: labels that do not fit them are named there first; HF tools read id2label
+        expected = {str(i): label for i, label in enumerate(config["labels"])}
+        if "id2label" in config and config["id2label"] != expected:  # format 1 has none
+            raise RouterError(f"{path / CONFIG_FILE}: key 'id2label' {config['id2label']!r} does not match "
+                              f"'labels' {config['labels']!r}")
         if model.num_layers != config["num_layers"]:
             raise RouterError(f"{path / CONFIG_FILE}: num_layers {config['num_layers']} but the backbone has "
                               f"{model.num_layers}")
@@ -507,8 +578,13 @@ def _read_router_config(path: Path) -> dict:
     if not isinstance(config, dict) or "moegate_router" not in config:
         raise RouterError(f"{path}: not a moegate router config (no 'moegate_router' key; "
                           "is this a backbone directory?)")
-    if config["moegate_router"] != FORMAT_VERSION:
-        raise RouterError(f"{path}: router format {config['moegate_router']!r}, this moegate reads {FORMAT_VERSION}")
+    version = config["moegate_router"]
+    if isinstance(version, bool) or version not in READ_FORMATS:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        raise RouterError(f"{path}: router format {version!r}, this moegate ({__version__}) reads formats "
+                          f"{', '.join(map(str, READ_FORMATS))}" + ("; upgrade moegate to load it" if newer else ""))
+    if version >= 2 and config.get("model_type") != MODEL_TYPE:
+        raise RouterError(f"{path}: key 'model_type' is {config.get('model_type')!r}, expected {MODEL_TYPE!r}")
     required = {"labels": list, "max_length": int, "num_layers": int, "head": dict, "backbone": dict}
     wrong = [f"key {key!r} must be a {kind.__name__}, got {config.get(key)!r}"
              for key, kind in required.items() if not isinstance(config.get(key), kind)]

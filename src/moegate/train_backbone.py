@@ -19,6 +19,7 @@ from moegate.backbone import BackboneClassifier, ClassifierHead, classify, save_
 from moegate.encoder import device as pick_device
 from moegate.encoder import resolve_model
 from moegate.layout import Layout
+from moegate.studies import trained_by
 from moegate.training import (
     Checkpoint,
     LoopSettings,
@@ -118,7 +119,7 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
 def train_backbone(config: dict) -> dict:
     """The rule: overlay tuning/backbone.json, train with a resumable checkpoint, write ``backbone/``."""
     layout = Layout.from_config(config)
-    config, used = apply_tuned(config, ("backbone",))
+    config, used = apply_tuned(config, trained_by("backbone"))
     if used:
         log.info("backbone: tuned values %s", {s: t.get("params") for s, t in used.items()})
     return fit(config, out_dir=layout.backbone, checkpoint_dir=layout.checkpoints / "backbone", tuned=used)

@@ -33,6 +33,7 @@ from moegate.dact import DactRouterModel, HeadConfig, exit_from_output
 from moegate.encoder import device as pick_device
 from moegate.io import read_json
 from moegate.layout import Layout
+from moegate.studies import NAMES
 from moegate.training import (
     Checkpoint,
     LoopSettings,
@@ -52,7 +53,7 @@ from moegate.tuned import apply_tuned
 
 log = logging.getLogger(__name__)
 
-TUNED_STUDIES = ("backbone", "submodels", "training", "lambda")
+TUNED_STUDIES = NAMES  # every study, in order: the router starts from all their chosen values
 
 
 def validation_metrics(model: DactRouterModel, split: TokenSplit, lambda_: float, batch_size: int,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from moegate.config import defaults as config_defaults
 from moegate.io import atomic_path, read_json
 
 log = logging.getLogger(__name__)
@@ -135,19 +136,24 @@ def fingerprint(obj: Any) -> str:
 
 
 # -- settings, seeding, optimizer -------------------------------------------------------------------
+_LOOP = config_defaults("backbone")
+
+
 @dataclass
 class LoopSettings:
-    """The training hyperparameters one run uses (config ``backbone`` / ``router`` sections)."""
+    """The training hyperparameters one run uses (config ``backbone`` / ``router`` / ``router.probe``
+    sections, through :meth:`from_section`). The defaults are the schema's ``backbone`` section: that
+    section has no head_learning_rate, so None (= learning_rate)."""
 
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    batch_size: int = 32
-    epochs: int = 4
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    patience: int = 2          # epochs without a lower validation loss before stopping
+    learning_rate: float = float(_LOOP["learning_rate"])
+    weight_decay: float = float(_LOOP["weight_decay"])
+    batch_size: int = int(_LOOP["batch_size"])
+    epochs: int = int(_LOOP["epochs"])
+    warmup_ratio: float = float(_LOOP["warmup_ratio"])
+    max_grad_norm: float = float(_LOOP["max_grad_norm"])
+    patience: int = int(_LOOP["patience"])  # epochs without a lower validation loss before stopping
     head_learning_rate: float | None = None  # parameters outside ``model.encoder`` (None = learning_rate)
-    seed: int = 0
+    seed: int = int(config_defaults("seed"))
 
     @classmethod
     def from_section(cls, section: dict, seed: int) -> LoopSettings:

@@ -1,18 +1,9 @@
 """Hyperparameter tuning: one shared Optuna study per stage, N parallel workers, an exact budget.
 
-The studies run in this order; each worker first overlays the tuned values of the studies before it
-(:func:`moegate.tuned.apply_tuned`), and every trial parameter is a dotted config key:
-
-==========  =====================  ==========================================================
-study       objective              what it tunes (``tuning.<study>.search_space``)
-==========  =====================  ==========================================================
-backbone    train_backbone.fit     backbone lr, weight decay, batch size, dropout, epochs;
-                                   pruned on per-epoch val accuracy
-submodels   train_router.fit       the DACT heads (``router.head.*``) on the tuned backbone
-training    train_router.fit       router lr, weight decay, batch size, epochs (λ, split fixed)
-lambda      train_router.fit       λ, with two objectives: val accuracy ↑ and mean executed
-                                   layers ↓ (real early exit); λ picked from the Pareto front
-==========  =====================  ==========================================================
+The studies and their order live in :mod:`moegate.studies`; each worker first overlays the tuned values
+of the studies before it (:func:`moegate.tuned.apply_tuned`), and every trial parameter is a dotted
+config key. A trial's objective is its study's trainer's ``fit`` (``Study.trainer``: ``train_backbone``
+or ``train_router``); what each study tunes is ``tuning.<study>.search_space``.
 
 Study creation: :func:`create` makes the study once before any worker starts (``launch`` and the
 ``tune_create`` rule call it); every worker also calls it, which only loads the study when it exists
@@ -52,11 +43,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from moegate import studies
 from moegate.config import ConfigError
 from moegate.config import dump as dump_config
 from moegate.config import validate as validate_config
 from moegate.io import atomic_path, save_figure, write_json, write_text
-from moegate.layout import STUDIES, Layout
+from moegate.layout import Layout
 from moegate.storage import (
     HEARTBEAT_KEY,
     OWNER_KEY,
@@ -73,8 +65,6 @@ from moegate.tuned import apply_tuned, set_dotted
 
 log = logging.getLogger(__name__)
 
-LAMBDA_METRICS = ("val_accuracy", "val_mean_layers")  # the λ study's two objectives
-LAMBDA_DIRECTIONS = ("maximize", "minimize")
 SPEC_KEY = "moegate.spec"  # study user attr: the search space and metrics it was created with
 RELEASED_KEY = "moegate.released"  # trial user attr: refused by the admission check (not a failure)
 ERROR_KEY = "moegate.error"  # trial user attr: the objective's exception
@@ -97,9 +87,7 @@ def _fit_router(config: dict, trial: optuna.Trial | None) -> dict:
     return fit(config, trial=trial)
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "backbone": _fit_backbone, "submodels": _fit_router, "training": _fit_router, "lambda": _fit_router,
-}
+OBJECTIVES: dict[str, Objective] = {"backbone": _fit_backbone, "router": _fit_router}  # by Study.trainer
 
 
 # -- what a study is, from the config ---------------------------------------------------------------
@@ -118,11 +106,12 @@ class StudySpec:
 
     @classmethod
     def from_config(cls, config: dict, study: str) -> StudySpec:
-        if study not in STUDIES:
-            raise ConfigError(f"unknown study {study!r}; expected one of {', '.join(STUDIES)}")
+        if study not in studies.NAMES:
+            raise ConfigError(f"unknown study {study!r}; expected one of {', '.join(studies.NAMES)}")
+        registered = studies.get(study)
         section = config["tuning"][study]
-        if study == "lambda":
-            metrics, directions, pruner = LAMBDA_METRICS, LAMBDA_DIRECTIONS, "none"
+        if registered.metrics:  # fixed objectives (λ: two of them, so nothing to prune on)
+            metrics, directions, pruner = registered.metrics, registered.directions, "none"
         else:
             metrics, directions, pruner = (section["metric"],), (section["direction"],), section["pruner"]
             if pruner != "none" and (metrics[0] != "val_accuracy" or directions[0] != "maximize"):
@@ -223,6 +212,10 @@ def load_study(config: dict, spec: StudySpec, storage=None) -> optuna.Study:
             f"({', '.join(found)}) and search space {recorded['search_space']}; tuning.{spec.study} now asks "
             f"for {wanted['metrics']} and {wanted['search_space']}. Restore those settings to continue it, "
             "or set tuning.study_prefix to start a new study")
+    if study.metric_names != list(spec.metrics):  # named objectives in optuna-dashboard; set once per study
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.metrics))
     return study
 
 
@@ -389,13 +382,13 @@ def worker(config: dict, study: str, worker_index: int = 0, objective: Objective
     if spec.n_trials == 0:
         log.info("tuning.%s.n_trials is 0: nothing to run", study)
         return {"study": None, "worker": worker_index, "n_trials": 0, "n_complete": 0, "ran": {}, "wall_s": 0.0}
-    before = STUDIES[:STUDIES.index(study)]
+    before = studies.overlaid_before(study)
     tuned_config, used = apply_tuned(config, before)
     missing = [s for s in before if s not in used]
     if missing:
         log.warning("worker %d: no tuned values from %s yet (tuning/*.json); their config values stand",
                     worker_index, ", ".join(missing))
-    return _Worker(tuned_config, spec, worker_index, objective or OBJECTIVES[study]).run()
+    return _Worker(tuned_config, spec, worker_index, objective or OBJECTIVES[studies.get(study).trainer]).run()
 
 
 # -- collect: the chosen values ---------------------------------------------------------------------
@@ -441,7 +434,7 @@ def _best(trials: list[FrozenTrial], direction: str) -> FrozenTrial:
 
 
 def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
-    """Write tuning/{study}.json from the finished study (lambda: also lambda_pareto.csv/.png).
+    """Write tuning/{study}.json from the finished study (a Pareto study: also {study}_pareto.csv/.png).
 
     Reads the study only; fails when fewer than ``n_trials`` trials completed (rerun the workers).
     With ``n_trials: 0`` it writes empty params and a note without touching the storage.
@@ -455,7 +448,7 @@ def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
         out.update({"n_complete": 0, "params": {}, "note": NOTE_NO_TRIALS})
         if launch_info:
             out["launch"] = launch_info
-        if study == "lambda":
+        if studies.get(study).pareto:
             _write_pareto(layout, [], None, spec, config)
         write_json(layout.tuned(study), out)
         log.info("tuning/%s.json: %s", study, NOTE_NO_TRIALS)
@@ -465,7 +458,7 @@ def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
         st = optuna.load_study(study_name=out["study"], storage=storage)
     except KeyError:
         raise RuntimeError(f"study {out['study']} not found in {describe(config)}: run its workers first "
-                           f"(moegate tune {study} --workers N)") from None
+                           f"(moegate tune launch {study} --workers N)") from None
     trials = st.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if len(complete) < spec.n_trials:
@@ -474,15 +467,15 @@ def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
     out.update({"n_complete": len(complete), "states": states,
                 "released": sum(RELEASED_KEY in t.user_attrs for t in trials)})
-    if study == "lambda":
+    if studies.get(study).pareto:
         rows = [_pareto_row(t) for t in complete]
-        chosen = choose_lambda(rows, config["tuning"]["lambda"]["accuracy_tolerance"])
+        chosen = choose_lambda(rows, config["tuning"][study]["accuracy_tolerance"])
         front = {rows[i]["trial"] for i in pareto_front([(r["val_accuracy"], r["val_mean_layers"]) for r in rows])}
         out.update({
             "params": dict(st.trials[chosen["trial"]].params),
             "rule": "fewest val_mean_layers among trials within accuracy_tolerance of the best val_accuracy; "
                     "ties: higher val_accuracy, then lower trial number",
-            "accuracy_tolerance": config["tuning"]["lambda"]["accuracy_tolerance"],
+            "accuracy_tolerance": config["tuning"][study]["accuracy_tolerance"],
             "chosen": chosen,
             "pareto": sorted((r for r in rows if r["trial"] in front), key=lambda r: r["val_mean_layers"]),
         })
@@ -509,7 +502,7 @@ def _pareto_row(t: FrozenTrial) -> dict:
 
 def _write_pareto(layout: Layout, rows: list[dict], chosen: dict | None, spec: StudySpec, config: dict,
                   front: set[int] = frozenset()) -> None:
-    """lambda_pareto.csv (every complete trial, with pareto/chosen flags) and lambda_pareto.png."""
+    """{study}_pareto.csv (every complete trial, with pareto/chosen flags) and {study}_pareto.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -521,7 +514,7 @@ def _write_pareto(layout: Layout, rows: list[dict], chosen: dict | None, spec: S
     table = pd.DataFrame([{**r, "pareto": r["trial"] in front, "chosen": chosen is not None and r["trial"] ==
                            chosen["trial"]} for r in rows], columns=columns)
     table = table.sort_values(["val_mean_layers", "trial"]) if len(table) else table
-    with atomic_path(layout.tuning / "lambda_pareto.csv") as tmp:
+    with atomic_path(layout.pareto(spec.study, "csv")) as tmp:
         table.to_csv(tmp, index=False)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -536,7 +529,7 @@ def _write_pareto(layout: Layout, rows: list[dict], chosen: dict | None, spec: S
             if lam is not None:
                 ax.annotate(f"λ={lam:.3g}", (r["val_mean_layers"], 100 * r["val_accuracy"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=8)
-        tol = config["tuning"]["lambda"]["accuracy_tolerance"]
+        tol = config["tuning"][spec.study]["accuracy_tolerance"]
         best = max(r["val_accuracy"] for r in rows)
         ax.axhline(100 * (best - tol), color="0.5", linestyle=":", linewidth=1,
                    label=f"best − {100 * tol:g} points")
@@ -550,7 +543,7 @@ def _write_pareto(layout: Layout, rows: list[dict], chosen: dict | None, spec: S
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("λ study: accuracy vs compute")
     ax.grid(alpha=0.3)
-    save_figure(layout.tuning / "lambda_pareto.png", fig)
+    save_figure(layout.pareto(spec.study, "png"), fig)
     plt.close(fig)
 
 
@@ -600,7 +593,8 @@ def _launch_local(config: dict, study: str, n: int, layout: Layout) -> list[dict
     running = []
     for i in range(n):
         log_path = logs / f"{study}.local.worker{i}.log"
-        cmd = [sys.executable, "-m", "moegate.cli", "tune", study, "--config", str(config_file), "--worker", str(i)]
+        cmd = [sys.executable, "-m", "moegate.cli", "tune", "worker", study, "--index", str(i),
+               "--config", str(config_file)]
         with open(log_path, "w") as out:
             running.append((i, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), log_path,
                             time.monotonic()))
