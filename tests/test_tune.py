@@ -26,17 +26,16 @@ from optuna.trial import TrialState
 from moegate.config import ConfigError, load
 from moegate.errors import MoegateError
 from moegate.storage import OWNER_KEY, STALE_KEY, open_storage, study_name
+from moegate.studies import choose_lambda, pareto_front
 from moegate.tune import (
     RELEASED_KEY,
     StudySpec,
     _Worker,
     admitted,
     budget_counts,
-    choose_lambda,
     collect,
     create,
     launch,
-    pareto_front,
     suggest,
     with_params,
     worker,

@@ -87,3 +87,26 @@ def _check() -> None:
 
 
 _check()
+
+
+# -- the λ study's rule (also the λ sweep's, when no study ran: moegate.train_router.sweep_lambda) --
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (accuracy ↑, mean layers ↓) no other point dominates, in input order."""
+    front = []
+    for i, (acc, layers) in enumerate(points):
+        dominated = any(a >= acc and m <= layers and (a > acc or m < layers) for a, m in points)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def choose_lambda(rows: list[dict], tolerance: float) -> dict:
+    """The λ rule: among rows within ``tolerance`` of the best val_accuracy, the fewest val_mean_layers.
+
+    Ties go to the higher accuracy, then the lower trial number. The chosen row is on the Pareto front.
+    """
+    if not rows:
+        raise ValueError("choose_lambda: no completed trials")
+    best = max(r["val_accuracy"] for r in rows)
+    within = [r for r in rows if r["val_accuracy"] >= best - tolerance - 1e-12]
+    return min(within, key=lambda r: (r["val_mean_layers"], -r["val_accuracy"], r["trial"]))

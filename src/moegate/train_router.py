@@ -319,7 +319,7 @@ def sweep_lambda(config: dict) -> dict:
 
     Out: {grid, rows: [{lambda_, val_accuracy, val_mean_layers, ...}], chosen, rule}.
     """
-    from moegate.tune import choose_lambda, pareto_front
+    from moegate.studies import choose_lambda, pareto_front
 
     rows = []
     for i, value in enumerate(config["router"]["lambda_grid"]):

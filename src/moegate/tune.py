@@ -393,28 +393,6 @@ def worker(config: dict, study: str, worker_index: int = 0, objective: Objective
 
 # -- collect: the chosen values ---------------------------------------------------------------------
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points (accuracy ↑, mean layers ↓) no other point dominates, in input order."""
-    front = []
-    for i, (acc, layers) in enumerate(points):
-        dominated = any(a >= acc and m <= layers and (a > acc or m < layers) for a, m in points)
-        if not dominated:
-            front.append(i)
-    return front
-
-
-def choose_lambda(rows: list[dict], tolerance: float) -> dict:
-    """The λ rule: among rows within ``tolerance`` of the best val_accuracy, the fewest val_mean_layers.
-
-    Ties go to the higher accuracy, then the lower trial number. The chosen row is on the Pareto front.
-    """
-    if not rows:
-        raise ValueError("choose_lambda: no completed trials")
-    best = max(r["val_accuracy"] for r in rows)
-    within = [r for r in rows if r["val_accuracy"] >= best - tolerance - 1e-12]
-    return min(within, key=lambda r: (r["val_mean_layers"], -r["val_accuracy"], r["trial"]))
-
-
 def _trial_summary(t: FrozenTrial) -> dict:
     user = t.user_attrs
     duration = (t.datetime_complete - t.datetime_start).total_seconds() \
@@ -469,8 +447,8 @@ def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
                 "released": sum(RELEASED_KEY in t.user_attrs for t in trials)})
     if studies.get(study).pareto:
         rows = [_pareto_row(t) for t in complete]
-        chosen = choose_lambda(rows, config["tuning"][study]["accuracy_tolerance"])
-        front = {rows[i]["trial"] for i in pareto_front([(r["val_accuracy"], r["val_mean_layers"]) for r in rows])}
+        chosen = studies.choose_lambda(rows, config["tuning"][study]["accuracy_tolerance"])
+        front = {rows[i]["trial"] for i in studies.pareto_front([(r["val_accuracy"], r["val_mean_layers"]) for r in rows])}
         out.update({
             "params": dict(st.trials[chosen["trial"]].params),
             "rule": "fewest val_mean_layers among trials within accuracy_tolerance of the best val_accuracy; "
