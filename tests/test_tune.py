@@ -36,6 +36,8 @@ from moegate.tune import (
     collect,
     create,
     launch,
+    make_sampler,
+    sampler_seed,
     suggest,
     with_params,
     worker,
@@ -192,6 +194,36 @@ def test_admission_counts_complete_and_the_running_or_waiting_trials_ahead():
 
 
 # -- Pareto front and the λ rule ----------------------------------------------------------------------
+
+def test_a_killed_trial_retried_leaves_the_next_draws_as_an_uninterrupted_run():
+    """fault_sweep found it: a rerun seeded by the count of all trials drew other points after the
+    retry. Seeded by the trials sampled (a retry samples nothing), the draws match."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def draw(study):
+        study.sampler = make_sampler("tpe", sampler_seed(7, 0, study.get_trials(deepcopy=False)))
+        trial = study.ask()
+        return trial, trial.suggest_float("lr", 1e-5, 1e-2, log=True)
+
+    reference = optuna.create_study()
+    points = []
+    for _ in range(3):
+        trial, lr = draw(reference)
+        points.append(lr)
+        reference.tell(trial, lr)
+
+    killed = optuna.create_study()
+    trial, lr = draw(killed)
+    assert lr == points[0]
+    killed.tell(trial, state=TrialState.FAIL)  # the stale trial, failed by recovery ...
+    killed.enqueue_trial({"lr": lr})  # ... and its params queued again, marked as a retry
+    retry = killed.get_trials(deepcopy=False)[-1]
+    killed._storage.set_trial_system_attr(retry._trial_id, "failed_trial", trial.number)
+    for expected in points:
+        trial, lr = draw(killed)
+        assert lr == expected
+        killed.tell(trial, lr)
+
 
 def test_pareto_front_on_hand_made_points():
     points = [(0.90, 6.0), (0.90, 4.0), (0.88, 3.0), (0.85, 3.5), (0.80, 1.0), (0.80, 1.0), (0.95, 5.5)]

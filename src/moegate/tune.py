@@ -176,6 +176,15 @@ def with_params(config: dict, params: dict[str, Any]) -> dict:
     return validate_config(out, source="trial parameters")
 
 
+def sampler_seed(seed: int, worker: int, trials: list[FrozenTrial]) -> int:
+    """The seed of a worker's sampler for its next trial: the run's seed, the worker, and how many
+    trials the study has sampled so far (a re-queued retry of a killed trial samples nothing and does
+    not count). So a worker killed mid-trial and rerun draws, after the retry, the points an
+    uninterrupted run draws (with one worker; with several, their interleaving decides anyway), and no
+    two workers replay the same random start."""
+    return seed + 1000 * worker + sum("failed_trial" not in t.system_attrs for t in trials)
+
+
 def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
     if kind == "tpe":  # multi-objective too; the constant liar keeps parallel workers off each other's points
         with warnings.catch_warnings():
@@ -261,9 +270,6 @@ class _Worker:
     def run(self) -> dict:
         t0 = time.monotonic()
         study = self.study = load_study(self.config, self.spec, open_storage(self.config))
-        # a different seed per worker and per rerun, so no two workers replay the same random start
-        seed = self.config["seed"] + 1000 * self.index + len(study.get_trials(deepcopy=False))
-        study.sampler = make_sampler(self.spec.sampler, seed)
         study.pruner = make_pruner(self.spec.pruner)
         n = self.spec.n_trials
         log.info("worker %d: study %s in %s, budget %d complete trials", self.index, study.study_name,
@@ -281,6 +287,8 @@ class _Worker:
                 time.sleep(self.wait_s)
                 continue
             waiting = None
+            seed = sampler_seed(self.config["seed"], self.index, study.get_trials(deepcopy=False))
+            study.sampler = make_sampler(self.spec.sampler, seed)
             with warnings.catch_warnings():  # we run the heartbeat ourselves (storage.Heartbeat), not optimize
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                 trial = study.ask()
