@@ -230,5 +230,5 @@ def test_evaluate_reports_abstention_at_the_saved_threshold(tiny_run, tmp_path):
     assert abstain["off_topic_all"]["rows"] == 3
 
     pd.DataFrame({"text": off_topic}).to_csv(off, index=False)
-    with pytest.raises(ValueError, match=r"off\.csv: no 'question' column"):
+    with pytest.raises(ValueError, match=r"off\.csv: missing column\(s\) \['question'\]"):
         evaluate(tiny_run)

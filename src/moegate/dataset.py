@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from moegate.errors import MoegateError
-from moegate.io import atomic_dir, atomic_path, read_table, write_json, write_parquet
+from moegate.io import atomic_dir, atomic_path, read_table, read_text_csv, write_json, write_parquet
 from moegate.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -96,19 +96,7 @@ def read_labelled_csv(path: str | Path, experts: list[str], drop_unknown: bool =
     (``dataset.drop_unknown_labels``) drops those rows.
     """
     path = Path(path)
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: labelled CSV not found (dataset.labelled_csv)") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not a readable CSV: {e}") from None
-    raw.columns = [str(c).strip() for c in raw.columns]
-    missing = [c for c in CSV_COLUMNS if c not in raw.columns]
-    if missing:
-        raise DatasetError(
-            f"{path}: missing column(s) {missing}; expected a header with {list(CSV_COLUMNS)} "
-            f"(found {list(raw.columns)})"
-        )
+    raw = read_text_csv(path, CSV_COLUMNS, "labelled CSV", "dataset.labelled_csv", DatasetError)
     row = pd.Series([f"csv/{i + 1}" for i in range(len(raw))], index=raw.index)  # 1 = first data row
     if "context_id" in raw.columns:
         given = raw["context_id"].str.strip()

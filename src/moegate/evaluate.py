@@ -40,7 +40,7 @@ import torch
 
 from moegate.backbone import BackboneClassifier, classify, load_backbone_classifier
 from moegate.encoder import device as pick_device
-from moegate.io import save_figure, write_json
+from moegate.io import read_text_csv, save_figure, write_json
 from moegate.layout import Layout
 from moegate.training import TokenSplit, load_tokens, read_labels, to_device
 
@@ -194,17 +194,7 @@ def read_real_questions(path: str | Path, labels: list[str]) -> tuple[list[str],
     dropped real question would change the score it is read for.
     """
     path = Path(path)
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: real questions CSV not found (evaluate.real_questions)") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable CSV (evaluate.real_questions): {e}") from None
-    raw.columns = [str(c).strip() for c in raw.columns]
-    missing = [c for c in ("question", "expert") if c not in raw.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected a header with ['question', 'expert'] "
-                         f"(found {list(raw.columns)})")
+    raw = read_text_csv(path, ("question", "expert"), "real questions CSV", "evaluate.real_questions")
     if raw.empty:
         raise ValueError(f"{path}: no rows (evaluate.real_questions)")
     questions, experts = raw["question"].str.strip(), raw["expert"].str.strip()
@@ -225,15 +215,7 @@ def read_off_topic_questions(path: str | Path) -> list[str]:
     """An ``evaluate.off_topic_questions`` CSV → its questions (column ``question``; others ignored).
     A missing file or column, or an empty question, raises ValueError naming the file and rows."""
     path = Path(path)
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: off-topic questions CSV not found (evaluate.off_topic_questions)") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable CSV (evaluate.off_topic_questions): {e}") from None
-    raw.columns = [str(c).strip() for c in raw.columns]
-    if "question" not in raw.columns:
-        raise ValueError(f"{path}: no 'question' column (found {list(raw.columns)}); evaluate.off_topic_questions")
+    raw = read_text_csv(path, ("question",), "off-topic questions CSV", "evaluate.off_topic_questions")
     questions = raw["question"].str.strip()
     empty = (questions == "").to_numpy()
     if raw.empty or empty.any():

@@ -145,6 +145,31 @@ def pinned_dir(path: str | os.PathLike) -> Iterator[Callable[[], bool]]:
         os.close(fd)
 
 
+def read_text_csv(path: str | os.PathLike, columns: tuple[str, ...] | list[str], what: str, key: str,
+                  error: type[Exception] = ValueError):
+    """A user's CSV as a DataFrame of strings (no NaN: an empty cell is ""), header names stripped.
+
+    ``what`` names the file in messages ("labelled CSV"), ``key`` the config key that points at it. A
+    missing file, an unreadable one, or one without every name in ``columns`` raises ``error``
+    naming the file and the key.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found ({key})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not a readable CSV ({key}): {e}") from None
+    raw.columns = [str(c).strip() for c in raw.columns]
+    missing = [c for c in columns if c not in raw.columns]
+    if missing:
+        raise error(f"{path}: missing column(s) {missing}; expected a header with {list(columns)} "
+                    f"(found {list(raw.columns)}; {key})")
+    return raw
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
