@@ -14,10 +14,12 @@ configfile: "config.yaml"
 
 # run from a checkout without installing
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from moegate.config import check_secrets
+from moegate.config import check_secrets, rename_deprecated
 
 # a secret in the config stops the run before anything is written, and before validate() could quote it
 check_secrets(config, source="snakemake config")
+# renamed keys (router.lambda_ -> router.ponder_cost) read under their new names, with a warning
+rename_deprecated(config, source="snakemake config")
 # the package ships this same schema file
 validate(config, schema="src/moegate/config.schema.yaml")
 

@@ -80,7 +80,7 @@ SIZES = {
     "dataset.kb_windows.max_share": 0.4,  # demo 0.6
     "backbone.epochs": 2,  # demo 4: epoch 1's checkpoint exists while epoch 2 runs
     "router.probe.epochs": 8,  # demo 40 (patience 6)
-    "router.lambda_grid": [0.0, 0.01],  # demo 5 values
+    "router.ponder_cost_grid": [0.0, 0.01],  # demo 5 values
     "tuning.submodels.n_trials": 2,
     "tuning.training.n_trials": 2,
     "tuning.lambda.n_trials": 2,  # demo 0 (train_router sweeps λ instead)

@@ -34,12 +34,12 @@ from moegate.training import load_tokens
 from moegate.tuned import apply_tuned
 
 
-def run_one(config: dict, lambda_: float, layer_loss: float, seed: int, test, workdir: Path) -> dict:
+def run_one(config: dict, ponder_cost: float, layer_loss: float, seed: int, test, workdir: Path) -> dict:
     cfg = copy.deepcopy(config)
-    cfg["router"]["lambda_"] = lambda_
+    cfg["router"]["ponder_cost"] = ponder_cost
     cfg["router"]["layer_loss_weight"] = layer_loss
     cfg["seed"] = seed
-    out = workdir / f"router-{lambda_}-{layer_loss}-{seed}"
+    out = workdir / f"router-{ponder_cost}-{layer_loss}-{seed}"
     t0 = time.perf_counter()
     summary = fit(cfg, out_dir=out)
     seconds = time.perf_counter() - t0
@@ -48,7 +48,7 @@ def run_one(config: dict, lambda_: float, layer_loss: float, seed: int, test, wo
     truth = test.labels.numpy()
     hist = np.bincount(exit_layer - 1, minlength=router.num_layers)
     return {
-        "λ": lambda_, "layer loss β": layer_loss, "seed": seed, "epochs": summary["epochs"],
+        "λ": ponder_cost, "layer loss β": layer_loss, "seed": seed, "epochs": summary["epochs"],
         "test acc": float((probs.argmax(1) == truth).mean()),
         "mean layers": float(exit_layer.mean()),
         "exit histogram (1..N)": "/".join(str(int(h)) for h in hist),
@@ -77,10 +77,10 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="lambda_sweep-") as tmp:
         for layer_loss in args.layer_loss:
-            for lambda_ in args.lambdas:
+            for ponder_cost in args.lambdas:
                 for seed in args.seeds:
-                    rows.append(run_one(config, lambda_, layer_loss, seed, test, Path(tmp)))
-                    print(f"  λ={lambda_} β={layer_loss} seed={seed}: acc {rows[-1]['test acc']:.3f}, "
+                    rows.append(run_one(config, ponder_cost, layer_loss, seed, test, Path(tmp)))
+                    print(f"  λ={ponder_cost} β={layer_loss} seed={seed}: acc {rows[-1]['test acc']:.3f}, "
                           f"{rows[-1]['mean layers']:.2f} layers", file=sys.stderr)
     print(f"\nconfig: {args.config}  test rows: {len(test)}  router epochs (max): {config['router']['epochs']}  "
           f"threads: {args.threads}  torch {torch.__version__}")

@@ -24,13 +24,14 @@ was built with a variant's dataset settings and already holds what a recipe need
   frozen_prototypes  frozen    prototypes  questions            0
   +kb_windows        frozen    prototypes  windows              0
   +teacher           frozen    prototypes  windows_teacher      1
+  +kb_last_layer     frozen    prototypes  windows_teacher      1   (router.head.last_layer: kb)
   lpft               lpft      prototypes  windows_teacher      1
   llm_questions      frozen    prototypes  llm_windows_teacher  1   (only with --llm-results)
 
-λ: frozen recipes sweep ``--lambda-grid`` (default router.lambda_grid) with
+λ: frozen recipes sweep ``--ponder-cost-grid`` (default router.ponder_cost_grid) with
 :func:`moegate.train_router.sweep_lambda` (the λ study's rule on val), then fit once at the chosen λ
 into ``<results>/bench/routers/<recipe>/``. finetune and lpft train on tokens (slow on a CPU), so they
-use the config's ``router.lambda_`` unless ``--sweep-all``. Tuned values (``tuning/*.json``) are not
+use the config's ``router.ponder_cost`` unless ``--sweep-all``. Tuned values (``tuning/*.json``) are not
 overlaid: every recipe runs the config's settings plus its own overrides plus ``--set``.
 
 Scored beside two baselines that need no router: retrieval routing over the KB index (the
@@ -119,9 +120,9 @@ class Recipe:
         return self.mode in ("finetune", "lpft")
 
 
-def _router(mode: str, classifier: str, teacher_weight: float) -> dict:
+def _router(mode: str, classifier: str, teacher_weight: float, last_layer: str = "trained") -> dict:
     return {"router.encoder_mode": mode, "router.head.classifier": classifier,
-            "router.teacher_weight": float(teacher_weight)}
+            "router.teacher_weight": float(teacher_weight), "router.head.last_layer": last_layer}
 
 
 RECIPES = [
@@ -130,6 +131,7 @@ RECIPES = [
     Recipe("frozen_prototypes", "questions", _router("frozen", "prototypes", 0)),
     Recipe("+kb_windows", "windows", _router("frozen", "prototypes", 0)),
     Recipe("+teacher", "windows_teacher", _router("frozen", "prototypes", 1)),
+    Recipe("+kb_last_layer", "windows_teacher", _router("frozen", "prototypes", 1, "kb")),
     Recipe("lpft", "windows_teacher", _router("lpft", "prototypes", 1)),
     Recipe("llm_questions", "llm_windows_teacher", _router("frozen", "prototypes", 1), needs_llm=True),
 ]
@@ -286,9 +288,9 @@ class Trained:
     recipe: Recipe
     prepared: Prepared
     router_dir: Path
-    lambda_: float
+    ponder_cost: float
     train_s: float
-    sweep: list[dict] = field(default_factory=list)  # [{lambda_, val_accuracy, val_mean_layers, ...}]
+    sweep: list[dict] = field(default_factory=list)  # [{ponder_cost, val_accuracy, val_mean_layers, ...}]
 
 
 def recipe_config(args, recipe: Recipe, prepared: Prepared) -> dict:
@@ -300,36 +302,39 @@ def train_recipe(args, recipe: Recipe, prepared: Prepared, out_dir: Path) -> Tra
     from moegate.train_router import fit, sweep_lambda
 
     cfg = recipe_config(args, recipe, prepared)
-    grid = args.lambda_grid if args.lambda_grid is not None else list(cfg["router"]["lambda_grid"])
+    grid = args.ponder_cost_grid
+    if grid is None:
+        grid = list(cfg["router"]["ponder_cost_grid"])
     sweeps = bool(grid) and (not recipe.token_training or args.sweep_all)
     settings = copy.deepcopy(cfg["router"])  # the sweep below overwrites cfg's λ: stamp the inputs
     if sweeps:
-        settings.pop("lambda_")  # chosen by the sweep, not an input
+        settings.pop("ponder_cost")  # chosen by the sweep, not an input
     stamp = {"recipe": recipe.name, "variant": prepared.variant.name, "results": str(prepared.results),
              "router": settings, "seed": cfg["seed"], "grid": grid if sweeps else None}
     bench = out_dir / BENCH_FILE
     if args.reuse_routers and bench.is_file():
         old = read_json(bench)
         if old.get("stamp") == json.loads(json.dumps(stamp)):
-            progress(f"recipe {recipe.name}: reusing {out_dir} (λ={old['lambda_']:g})")
-            return Trained(recipe, prepared, out_dir, old["lambda_"], old["train_s"], old["sweep"])
+            progress(f"recipe {recipe.name}: reusing {out_dir} (λ={old['ponder_cost']:g})")
+            return Trained(recipe, prepared, out_dir, old["ponder_cost"], old["train_s"], old["sweep"])
 
     t0 = time.perf_counter()
     sweep = None
     if sweeps:
         progress(f"recipe {recipe.name}: λ sweep over {grid}")
         trial = copy.deepcopy(cfg)
-        trial["router"]["lambda_grid"] = list(grid)
+        trial["router"]["ponder_cost_grid"] = list(grid)
         sweep = sweep_lambda(trial)
-        cfg["router"]["lambda_"] = float(sweep["chosen"]["lambda_"])
-    lambda_ = float(cfg["router"]["lambda_"])
-    progress(f"recipe {recipe.name}: fit at λ={lambda_:g} into {out_dir}")
+        cfg["router"]["ponder_cost"] = float(sweep["chosen"]["ponder_cost"])
+    ponder_cost = float(cfg["router"]["ponder_cost"])
+    progress(f"recipe {recipe.name}: fit at λ={ponder_cost:g} into {out_dir}")
     fit(cfg, out_dir=out_dir, extra={"lambda_sweep": sweep} if sweep else None)
     train_s = time.perf_counter() - t0 + (prepared.backbone_s if recipe.mode == "finetune" else 0.0)
-    rows = [{k: r[k] for k in ("lambda_", "val_accuracy", "val_mean_layers")} for r in (sweep or {}).get("rows", [])]
-    write_json(bench, {"stamp": stamp, "lambda_": lambda_, "train_s": train_s, "sweep": rows})
+    rows = [{k: r[k] for k in ("ponder_cost", "val_accuracy", "val_mean_layers")}
+            for r in (sweep or {}).get("rows", [])]
+    write_json(bench, {"stamp": stamp, "ponder_cost": ponder_cost, "train_s": train_s, "sweep": rows})
     progress(f"recipe {recipe.name}: trained in {train_s:.0f} s")
-    return Trained(recipe, prepared, out_dir, lambda_, train_s, rows)
+    return Trained(recipe, prepared, out_dir, ponder_cost, train_s, rows)
 
 
 # -- scoring ----------------------------------------------------------------------------------------
@@ -431,8 +436,8 @@ def render(args, prepared: list[Prepared], trained: list[Trained], table: pd.Dat
         "",
         f"config: `{args.config}`" + (f", with `--set` {args.set}" if args.set else ""),
         f"real questions: `{args.real_questions}` ({real_n}; latency over the first {timed_n}, one per call)",
-        (f"λ grid: {args.lambda_grid if args.lambda_grid is not None else 'router.lambda_grid'}"
-         + (" (every recipe)" if args.sweep_all else " (frozen recipes; finetune/lpft use router.lambda_)")),
+        (f"λ grid: {args.ponder_cost_grid if args.ponder_cost_grid is not None else 'router.ponder_cost_grid'}"
+         + (" (every recipe)" if args.sweep_all else " (frozen recipes; finetune/lpft use router.ponder_cost)")),
         f"router layers: {num_layers}" if num_layers else "",
         f"wall time of this run: {wall_s / 60:.1f} min",
         "",
@@ -446,7 +451,7 @@ def render(args, prepared: list[Prepared], trained: list[Trained], table: pd.Dat
         head += ["", "λ sweeps (val accuracy / mean layers per λ; chosen λ in the table):", ""]
         for t in sweeps:
             head.append(f"- {t.recipe.name}: " + ", ".join(
-                f"λ={r['lambda_']:g}: {r['val_accuracy']:.3f} / {r['val_mean_layers']:.2f}" for r in t.sweep))
+                f"λ={r['ponder_cost']:g}: {r['val_accuracy']:.3f} / {r['val_mean_layers']:.2f}" for r in t.sweep))
     return "\n".join(line for line in head if line is not None) + "\n"
 
 
@@ -469,8 +474,9 @@ def main(argv=None) -> int:
                                       "llm_questions only with --llm-results)")
     ap.add_argument("--llm-results", help="a results dir whose queries/ an LLM wrote (same experts)")
     ap.add_argument("--latency-questions", type=int, default=200, help="real questions timed one at a time")
-    ap.add_argument("--lambda-grid", type=lambda s: [float(x) for x in s.split(",") if x.strip()],
-                    help="comma-separated λ values to sweep (default: router.lambda_grid; '' = router.lambda_)")
+    ap.add_argument("--ponder-cost-grid", "--lambda-grid", type=lambda s: [float(x) for x in s.split(",") if x.strip()],
+                    help="comma-separated λ values to sweep (default: router.ponder_cost_grid; '' = "
+                         "router.ponder_cost; --lambda-grid is its old name)")
     ap.add_argument("--sweep-all", action="store_true", help="sweep λ for finetune and lpft too (slow)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted config override for every variant and recipe, e.g. router.epochs=1 (repeatable)")
@@ -529,7 +535,7 @@ def main(argv=None) -> int:
         p50 = p50_ms(router, timed)
         rows.append({"method": t.recipe.name, "variant": t.prepared.variant.name, **row,
                      "exit = full depth": agree, "p50 ms (b=1)": p50, "p50 / retrieval": p50 / ret_p50s[-1],
-                     "λ": t.lambda_, "train s": t.train_s})
+                     "λ": t.ponder_cost, "train s": t.train_s})
         progress(f"scored {t.recipe.name}: real acc {row['real acc']:.3f}, {row['mean exit layer']:.2f} layers, "
                  f"p50 {p50:.2f} ms")
         del router

@@ -57,14 +57,46 @@ def ingest_inputs(wildcards):
     return [str(source)]
 
 
+def on_dataset_change(paths, rerun):
+    """``paths`` as inputs whose change reruns the job (``rerun``), or, as ``ancient()``, whose change does
+    not: the job then runs only when its own outputs are missing (or it is forced).
+
+    Plain copies: ancient() flags the string it is given, and rules.dataset.output's are shared.
+    """
+    paths = [str(p) for p in paths]
+    return paths if rerun else [ancient(p) for p in paths]
+
+
 def tune_inputs(wildcards):
-    """The dataset, the encoder (router studies) and the chosen values of the studies it runs after."""
+    """The dataset, the encoder (router studies) and the chosen values of the studies it runs after.
+
+    With tuning.rerun_on_dataset_change false, a rebuilt dataset (an expert added or removed) does not
+    rerun the study: its chosen values stand. The backbone's study reruns only when the backbone does
+    (backbone_reruns): its values are the backbone's alone. A rerun of a study it runs after still
+    reruns it.
+    """
     study = studies.get(wildcards.study)
     inputs = list(rules.dataset.output)
     if study.trainer == "router":
         inputs += router_encoder_inputs(wildcards)
+    rerun = config["tuning"]["rerun_on_dataset_change"]
+    if study.trainer == "backbone":
+        rerun = rerun and backbone_reruns()
+    inputs = on_dataset_change(inputs, rerun)
     inputs += [str(L.tuned(s)) for s in study.after]
     return inputs
+
+
+def backbone_reruns():
+    """Whether a rebuilt dataset retrains the backbone classifier: when backbone.rerun_on_dataset_change
+    says so, or when the router is fine-tuned from it (finetune)."""
+    finetuned = config["router"]["encoder_mode"] == "finetune"
+    return config["backbone"]["rerun_on_dataset_change"] or finetuned
+
+
+def backbone_dataset_inputs(wildcards):
+    """The dataset the backbone classifier trains on (a rebuilt one retrains it if backbone_reruns())."""
+    return on_dataset_change(rules.dataset.output, backbone_reruns())
 
 
 def tuned_inputs(trainer):

@@ -20,6 +20,8 @@ rule evaluate:
         ),
     log:
         str(L.logs / "evaluate.log"),
+    benchmark:
+        str(L.logs / "evaluate.benchmark.tsv")
     conda:
         "../envs/moegate.yaml"
     threads: 4  # torch's intra-op threads (OMP_NUM_THREADS); capped by --cores locally

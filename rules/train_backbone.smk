@@ -1,6 +1,6 @@
 rule train_backbone:
     input:
-        rules.dataset.output,
+        backbone_dataset_inputs,
         tuned_inputs("backbone"),
     output:
         model=str(L.backbone / "model.safetensors"),

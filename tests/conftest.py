@@ -147,8 +147,8 @@ def tiny_run(tmp_path, tiny_bert_dir) -> dict:
         device="cpu",
         dataset={"labelled_csv": str(questions), "val_fraction": 0.2, "test_fraction": 0.2, "max_length": 24},
         backbone={"model": str(tiny_bert_dir), **loop},
-        router={"head": {"projection_dim": 16, "width": 16}, **loop, "lambda_": 0.01, "encoder_mode": "finetune",
-                "lambda_grid": [], "probe": {"epochs": 3, "batch_size": 8}},
+        router={"head": {"projection_dim": 16, "width": 16}, **loop, "ponder_cost": 0.01, "encoder_mode": "finetune",
+                "ponder_cost_grid": [], "probe": {"epochs": 3, "batch_size": 8}},
     )
     config = load(path)
     dataset(config)

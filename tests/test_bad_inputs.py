@@ -221,7 +221,7 @@ def router_copy(tmp: Path, fixture) -> Path:
                                 HeadConfig(projection_dim=16, width=16))
         out = fixture("tmp_path_factory").mktemp("bad_inputs_router") / "router"
         save_router(out, model, AutoTokenizer.from_pretrained(backbone), labels=EXPERTS, max_length=16,
-                    lambda_=0.1, metadata={})
+                    ponder_cost=0.1, metadata={})
         _ROUTERS["saved"] = out
     dst = tmp / "router"
     shutil.copytree(_ROUTERS["saved"], dst)

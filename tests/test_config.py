@@ -107,3 +107,70 @@ def test_settings_classes_take_their_defaults_from_the_schema():
     assert set(loop) <= set(router) and set(loop) <= set(router["probe"])
     with pytest.raises(KeyError, match="no config section 'router.nope'"):
         defaults("router.nope")
+
+
+# -- renamed keys: router.lambda_ -> router.ponder_cost (and the grid, the λ study's search space) ------
+def test_a_renamed_key_loads_with_a_deprecation_warning_and_equals_the_new(tmp_path):
+    for name in ("new", "old"):
+        (tmp_path / name).mkdir()
+    new = load(write_config(tmp_path / "new", router={"ponder_cost": 0.05, "ponder_cost_grid": [0.0, 0.1]},
+                            tuning={"lambda": {"search_space": {
+                                "router.ponder_cost": {"type": "float", "low": 0.01, "high": 0.1}}}}))
+    with pytest.warns(FutureWarning) as caught:
+        old = load(write_config(tmp_path / "old", router={"lambda_": 0.05, "lambda_grid": [0.0, 0.1]},
+                                tuning={"lambda": {"search_space": {
+                                    "router.lambda_": {"type": "float", "low": 0.01, "high": 0.1}}}}))
+    messages = [str(w.message) for w in caught]
+    for old_key, new_key in (("router.lambda_", "router.ponder_cost"), ("router.lambda_grid", "router.ponder_cost_grid")):
+        assert any(f"{old_key} is deprecated, renamed {new_key}" in m for m in messages), messages
+    assert any("tuning.lambda.search_space: router.lambda_ is deprecated" in m for m in messages), messages
+    assert all(m.startswith(str(tmp_path / "old" / "config.yaml")) for m in messages)  # names the file
+    old.pop("results"), new.pop("results")
+    assert old == new and "lambda_" not in old["router"]
+    with pytest.warns(FutureWarning, match="override: router.lambda_ is deprecated"):
+        assert load(tmp_path / "new" / "config.yaml", overrides={"router.lambda_": 0.3})["router"]["ponder_cost"] == 0.3
+
+
+def test_the_old_and_the_new_name_together_are_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"both router\.lambda_ \(deprecated\) and router\.ponder_cost are set; "
+                                          r"keep only router\.ponder_cost"):
+        load(write_config(tmp_path, router={"lambda_": 0.1, "ponder_cost": 0.2}))
+    space = {"router.lambda_": {"type": "float", "low": 0.01, "high": 0.1},
+             "router.ponder_cost": {"type": "float", "low": 0.01, "high": 0.1}}
+    with pytest.raises(ConfigError, match=r"tuning\.lambda\.search_space has both router\.lambda_"):
+        load(write_config(tmp_path, tuning={"lambda": {"search_space": space}}))
+
+
+def test_the_schema_knows_only_the_new_names():
+    router = yaml.safe_load((REPO / "src" / "moegate" / "config.schema.yaml").read_text())["properties"]["router"]
+    assert {"ponder_cost", "ponder_cost_grid"} <= set(router["properties"])
+    assert not {"lambda_", "lambda_grid"} & set(router["properties"])
+
+
+def test_a_tuned_json_with_the_old_key_is_applied_under_the_new(tmp_path):
+    from moegate.io import write_json
+    from moegate.layout import Layout
+    from moegate.tuned import apply_tuned
+
+    config = load(write_config(tmp_path))
+    path = Layout.from_config(config).tuned("lambda")
+    write_json(path, {"study": "moegate-lambda", "params": {"router.lambda_": 0.02}})
+    with pytest.warns(FutureWarning, match=rf"{path}: params: router.lambda_ is deprecated, renamed router.ponder_cost"):
+        tuned, used = apply_tuned(config, ("lambda",))
+    assert tuned["router"]["ponder_cost"] == 0.02 and "lambda_" not in tuned["router"]
+    assert used["lambda"]["params"] == {"router.lambda_": 0.02}  # recorded as the file says
+
+
+def test_one_setter_of_dotted_keys_names_the_key_it_cannot_set():
+    from moegate.config import get_dotted, set_dotted
+
+    config = {"router": {"head": {"width": 8}, "epochs": 2}}
+    set_dotted(config, "router.head.width", 16)
+    assert get_dotted(config, "router.head.width") == 16
+    with pytest.raises(ConfigError, match="router.nope.width: the config has no section 'router.nope'"):
+        set_dotted(config, "router.nope.width", 1)
+    with pytest.raises(ConfigError, match=r"router.epochs.x: the config has a value \(2\), not a section, at 'router.epochs'"):
+        set_dotted(config, "router.epochs.x", 1)
+    set_dotted(config, "backbone.epochs", 3, create=True)  # overrides of a config not yet filled with defaults
+    assert config["backbone"] == {"epochs": 3}
+    assert get_dotted(config, "router.nope", None) is None

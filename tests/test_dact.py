@@ -640,3 +640,73 @@ def test_teacher_term_is_the_kl_to_the_answer_and_every_exit():
 
     expected = kl(out.log_a) + 0.5 * torch.stack([kl(out.log_y[n]) for n in range(3)]).mean()
     torch.testing.assert_close(total - base, 2.0 * expected)
+
+
+# -- router.head.last_layer: kb (the last unit in the KB index's own geometry) ------------------------
+def kb_last_model(seed=0, experts=3, per_expert=4, chunks=40):
+    """A prototype model whose last layer is set from random "KB chunk" vectors; returns (model, vectors, experts)."""
+    torch.manual_seed(seed)
+    head = HeadConfig(classifier="prototypes", prototypes=per_expert, prototype_top_k=2, width=16, pooling="mean",
+                      last_layer="kb")
+    model = DactRouterModel(tiny_encoder("bert", 3), experts, head)
+    gen = torch.Generator().manual_seed(seed)
+    ids, mask = batch([int(x) for x in torch.randint(2, 12, (30,), generator=gen)], gen)
+    with torch.no_grad():
+        model.init_prototypes(model.states(ids, mask), torch.arange(30) % experts, seed=seed)
+    vectors = torch.randn(chunks, model.hidden_size, generator=gen)
+    kb_experts = torch.arange(chunks) % experts
+    model.init_kb_prototypes(vectors, kb_experts, seed=seed)
+    return model.eval(), vectors, kb_experts
+
+
+def test_kb_last_layer_needs_prototype_units():
+    with pytest.raises(ValueError, match="last_layer: kb needs router.head.classifier"):
+        HeadConfig(classifier="mlp", last_layer="kb")
+    with pytest.raises(ValueError, match="router.head.last_layer"):
+        HeadConfig(classifier="prototypes", last_layer="frozen")
+    with pytest.raises(ValueError, match="last_layer is not 'kb'"):
+        prototype_model().init_kb_prototypes(torch.randn(6, 32), torch.arange(6) % 3)
+
+
+def test_kb_last_layer_scores_the_raw_cosine_to_kmeans_centroids_of_each_experts_chunks():
+    from sklearn.cluster import KMeans
+
+    model, vectors, kb_experts = kb_last_model(seed=4)
+    head = model.classifiers[-1]
+    unit = torch.nn.functional.normalize(vectors, dim=-1)
+    for e in range(3):  # each expert's prototypes: k-means of its own chunks (same seed), unit length
+        expected = KMeans(n_clusters=4, n_init=1, random_state=4, max_iter=100).fit(unit[kb_experts == e].numpy())
+        torch.testing.assert_close(head.prototypes[e * 4:(e + 1) * 4],
+                                   torch.nn.functional.normalize(torch.from_numpy(expected.cluster_centers_).float(),
+                                                                 dim=-1))
+    assert model.center[-1].abs().sum() == 0 and model.center[0].abs().sum() > 0
+    states = torch.randn(3, 5, model.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.forward_states(states)
+        # no projection, no centring: the scale times the mean of the top-2 cosines of the raw pooled state
+        cos = torch.nn.functional.normalize(states[-1], dim=-1) @ head.prototypes.T
+        logits = head.log_scale.exp() * cos.view(5, 3, 4).topk(2, dim=-1).values.mean(-1)
+    torch.testing.assert_close(out.log_y[-1], torch.log_softmax(logits, -1))
+
+
+def test_training_leaves_the_kb_prototypes_as_they_are_and_the_exit_stays_exact():
+    from moegate.training import parameter_groups
+
+    model, _, _ = kb_last_model(seed=2)
+    before = model.classifiers[-1].prototypes.detach().clone()
+    earlier = model.classifiers[0].prototypes.detach().clone()
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01, 0.1), lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    ids, mask = batch([4, 7, 9, 3, 6, 5], gen)
+    model.train()
+    for _ in range(3):
+        total, _, _ = model.loss(model(ids, mask), torch.tensor([0, 1, 2, 0, 1, 2]), 0.01, layer_loss_weight=1.0)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    model.eval()
+    torch.testing.assert_close(model.classifiers[-1].prototypes, before, rtol=0, atol=0)
+    assert not torch.equal(model.classifiers[0].prototypes, earlier)  # the other layers do train
+    probs, _ = model.early_exit(ids, mask)
+    full, _ = model.full_depth(ids, mask)
+    assert probs.argmax(-1).tolist() == full.argmax(-1).tolist()

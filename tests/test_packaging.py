@@ -58,7 +58,7 @@ def test_a_wheel_install_validates_a_config(tmp_path):
     (wheel,) = wheels.glob("moegate-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, cwd=tmp_path)
-    probe = ("import moegate, moegate.config as c, sys; "
+    probe = ("import moegate, moegate.config as c, moegate.tune.workers, sys; "  # the tune subpackage too
              "assert moegate.__file__.startswith(sys.argv[1]), moegate.__file__; "
              "cfg = c.load(sys.argv[2]); print(cfg['router']['encoder_mode'])")
     out = subprocess.run([sys.executable, "-c", probe, str(site), str(ROOT / "config.yaml")],

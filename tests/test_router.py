@@ -68,7 +68,7 @@ def save(backbone_dir: Path, out: Path, **kwargs) -> tuple[Path, DactRouterModel
     args = {
         "labels": LABELS,
         "max_length": MAX_LENGTH,
-        "lambda_": 0.05,
+        "ponder_cost": 0.05,
         "metadata": {"backbone_model": "tiny-random-bert", "training": {"epochs": 1}, "studies": {},
                      "val": {"accuracy": 0.75, "mean_layers": 1.5}},
         "extra_json": {"training.json": {"epochs": [{"epoch": 1, "val_loss": 1.0}]}},
@@ -103,7 +103,7 @@ def test_router_directory_holds_the_contracted_files(saved):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temp dir left behind"
     config = json.loads((path / "config.json").read_text())
     assert config["labels"] == LABELS and config["num_layers"] == model.num_layers == 3
-    assert config["max_length"] == MAX_LENGTH and config["lambda_"] == 0.05
+    assert config["max_length"] == MAX_LENGTH and config["ponder_cost"] == 0.05
     assert config["head"] == model.head_config.to_dict()
     assert config["backbone"]["model_type"] == "bert" and config["backbone"]["hidden_size"] == 32
     assert "(1 - p_n)^d" in config["exit_rule"]["formula"]
@@ -167,6 +167,19 @@ def test_format_1_directories_load_and_unknown_formats_are_refused(saved, router
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(RouterError, match="key 'id2label' .* does not match 'labels'"):
         Router.from_pretrained(path, device="cpu")
+
+
+def test_a_router_saved_with_lambda_before_the_rename_loads(saved, router, tmp_path):
+    """config.json of routers saved before router.lambda_ became router.ponder_cost says ``lambda_``."""
+    path = broken_copy(saved[0], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["lambda_"] = config.pop("ponder_cost")
+    (path / "config.json").write_text(json.dumps(config))
+    old = Router.from_pretrained(path, device="cpu")
+    assert old.ponder_cost == 0.05 and old.config["ponder_cost"] == 0.05 and "lambda_" not in old.config
+    texts = ["What is a p-value?", "backpropagation through a convolution"]
+    assert [r.to_dict() for r in old.route(texts)] == [r.to_dict() for r in router.route(texts)]
+    assert "ponder cost λ = 0.05" in write_model_card(path).read_text()
 
 
 def test_saving_again_replaces_the_directory(tiny_bert_dir, tmp_path):
@@ -499,17 +512,17 @@ def test_route_cli_refuses_a_damaged_router(saved, tmp_path):
 
 def test_a_save_swapped_in_while_loading_is_loaded_whole(tiny_bert_dir, tmp_path):
     """Files read across a swap would mix two versions: the loader notices the new directory and loads again."""
-    path, _ = save(tiny_bert_dir, tmp_path / "router", lambda_=0.05)
+    path, _ = save(tiny_bert_dir, tmp_path / "router", ponder_cost=0.05)
     real_load, calls = Router._load.__func__, []
 
     def load_then_resave(cls, p, device):
         router = real_load(cls, p, device)
-        calls.append(router.lambda_)
+        calls.append(router.ponder_cost)
         if len(calls) == 1:  # a new training run finishes while this one reads
-            save(tiny_bert_dir, path, lambda_=0.5)
+            save(tiny_bert_dir, path, ponder_cost=0.5)
         return router
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Router, "_load", classmethod(load_then_resave))
         gate = Router.from_pretrained(path, device="cpu")
-    assert calls == [0.05, 0.5] and gate.lambda_ == 0.5
+    assert calls == [0.05, 0.5] and gate.ponder_cost == 0.5

@@ -32,7 +32,7 @@ def test_train_router_round_trip(backbone_run):
     assert not (out / "metrics.json").exists()  # evaluate adds it
     config = json.loads((out / "config.json").read_text())
     assert config["labels"] == list(backbone_run["experts"]) and config["num_layers"] == 3
-    assert config["lambda_"] == backbone_run["router"]["lambda_"] and config["max_length"] == 24
+    assert config["ponder_cost"] == backbone_run["router"]["ponder_cost"] and config["max_length"] == 24
     meta = config["metadata"]
     assert meta["training"]["learning_rate"] == backbone_run["router"]["learning_rate"]
     assert meta["dataset"]["train"] == len(load_tokens(layout.tokens("train"))) and meta["wall_seconds"] > 0
@@ -70,14 +70,14 @@ def test_train_router_round_trip(backbone_run):
 def test_tuned_values_and_study_names_reach_the_router(backbone_run):
     layout = Layout.from_config(backbone_run)
     write_json(layout.tuned("submodels"), {"study": "moegate-submodels", "params": {"router.head.width": 8}})
-    write_json(layout.tuned("lambda"), {"study": "moegate-lambda", "params": {"router.lambda_": 0.2}})
+    write_json(layout.tuned("lambda"), {"study": "moegate-lambda", "params": {"router.ponder_cost": 0.2}})
     write_json(layout.tuned("training"), {"study": "moegate-training", "params": {"router.epochs": 1}})
     train_router(backbone_run)
     config = json.loads((layout.router / "config.json").read_text())
-    assert config["lambda_"] == 0.2 and config["head"]["width"] == 8
+    assert config["ponder_cost"] == 0.2 and config["head"]["width"] == 8
     assert config["metadata"]["studies"] == {"submodels": "moegate-submodels", "training": "moegate-training",
                                              "lambda": "moegate-lambda"}
-    assert config["metadata"]["tuned"]["lambda"] == {"router.lambda_": 0.2}
+    assert config["metadata"]["tuned"]["lambda"] == {"router.ponder_cost": 0.2}
     assert config["metadata"]["epochs_run"] == 1
 
 
@@ -153,16 +153,16 @@ def test_stale_states_are_refused(tiny_run):
 
 
 def test_lambda_sweep_chooses_by_the_tolerance_rule_and_is_recorded(tiny_run):
-    config = _frozen(tiny_run, lambda_grid=[0.0, 0.5, 2.0])
+    config = _frozen(tiny_run, ponder_cost_grid=[0.0, 0.5, 2.0])
     layout = Layout.from_config(config)
     train_router(config)
     training = json.loads((layout.router / "training.json").read_text())
     sweep = training["lambda_sweep"]
-    assert [r["lambda_"] for r in sweep["rows"]] == [0.0, 0.5, 2.0]
+    assert [r["ponder_cost"] for r in sweep["rows"]] == [0.0, 0.5, 2.0]
     best = max(r["val_accuracy"] for r in sweep["rows"])
     within = [r for r in sweep["rows"] if r["val_accuracy"] >= best - sweep["accuracy_tolerance"] - 1e-12]
     assert sweep["chosen"]["val_mean_layers"] == min(r["val_mean_layers"] for r in within)
-    assert json.loads((layout.router / "config.json").read_text())["lambda_"] == sweep["chosen"]["lambda_"]
+    assert json.loads((layout.router / "config.json").read_text())["ponder_cost"] == sweep["chosen"]["ponder_cost"]
 
 
 def test_lpft_probes_then_finetunes_the_encoder(tiny_run):
@@ -205,7 +205,7 @@ def test_a_failed_states_stage_leaves_the_previous_cache_whole(tiny_run, monkeyp
 
 
 # -- resume: a stale checkpoint is never resumed; real kills resume to the uninterrupted result -------------
-@pytest.mark.parametrize("change", ["nothing", "lambda_ in the config", "tuned lambda_", "tuned learning_rate"])
+@pytest.mark.parametrize("change", ["nothing", "ponder_cost in the config", "tuned ponder_cost", "tuned learning_rate"])
 def test_a_checkpoint_is_resumed_only_by_the_run_it_belongs_to(backbone_run, change, caplog):
     import logging
     import shutil
@@ -215,10 +215,10 @@ def test_a_checkpoint_is_resumed_only_by_the_run_it_belongs_to(backbone_run, cha
     fit(backbone_run, checkpoint_dir=checkpoints)  # no out_dir: the checkpoint (after epoch 2 of 2) stays
     assert (checkpoints / "checkpoint.pt").is_file()
     config = dict(backbone_run, router=dict(backbone_run["router"]))
-    if change == "lambda_ in the config":
-        config["router"]["lambda_"] = 0.02
-    elif change == "tuned lambda_":
-        write_json(layout.tuned("lambda"), {"study": "moegate-lambda", "params": {"router.lambda_": 0.02}})
+    if change == "ponder_cost in the config":
+        config["router"]["ponder_cost"] = 0.02
+    elif change == "tuned ponder_cost":
+        write_json(layout.tuned("lambda"), {"study": "moegate-lambda", "params": {"router.ponder_cost": 0.02}})
     elif change == "tuned learning_rate":
         write_json(layout.tuned("training"), {"study": "moegate-training", "params": {"router.learning_rate": 1e-3}})
     caplog.set_level(logging.INFO, logger="moegate.training")
@@ -317,3 +317,64 @@ torch.save = half_save
     for name in weights:
         torch.testing.assert_close(weights[name], want_weights[name], rtol=0, atol=1e-6, msg=name)
     assert not checkpoint.parent.exists()  # the finished run removed its checkpoint and the half-written one
+
+
+# -- router.head.last_layer: kb: the last unit's prototypes from the KB index, left as they are ----------
+def _with_kb_index(config: dict, encoder: str | None = None, chunks: int = 30):
+    import torch
+
+    from moegate.retrieval import KBIndex
+    from moegate.states import load_states
+    from moegate.training import read_labels
+
+    layout = Layout.from_config(config)
+    labels = read_labels(layout)
+    hidden = load_states(config, "train").states.shape[-1]
+    gen = torch.Generator().manual_seed(0)
+    index = KBIndex(torch.nn.functional.normalize(torch.randn(chunks, hidden, generator=gen), dim=-1),
+                    torch.arange(chunks) % len(labels), [f"c{i}" for i in range(chunks)], labels,
+                    encoder or config["backbone"]["model"])
+    index.save(layout.kb_index)
+    return index
+
+
+def test_kb_last_layer_takes_the_kb_index_and_training_leaves_it(tiny_run):
+    from safetensors.torch import load_file
+
+    from moegate.config import ConfigError
+
+    config = _frozen(tiny_run)
+    config["router"]["head"]["last_layer"] = "kb"
+    with pytest.raises(ConfigError, match="last_layer: kb needs .*kb_index.safetensors"):
+        train_router(config)  # a labelled CSV's dataset has no KB index
+    _with_kb_index(config, encoder="some-other-encoder")
+    with pytest.raises(ConfigError, match="backbone.model"):
+        train_router(config)
+    index = _with_kb_index(config)
+    lpft = {**config, "router": {**config["router"], "encoder_mode": "lpft"}}
+    with pytest.raises(ConfigError, match="encoder_mode: frozen"):
+        from moegate.train_router import fit
+
+        fit(lpft)
+    summary = train_router(config)
+    layout = Layout.from_config(config)
+    saved = load_file(str(layout.router / "model.safetensors"))
+    last = saved["classifiers.2.prototypes"]  # 3 layers: index 2 is the last
+    # each expert's 4 prototypes are k-means centroids of its 10 chunks: unit vectors in their span
+    for e in range(3):
+        chunks = index.vectors[index.expert == e]
+        protos = last[e * 4:(e + 1) * 4]
+        residual = protos - protos @ torch_pinv_projector(chunks)
+        assert float(residual.abs().max()) < 1e-4
+    router = Router.from_pretrained(layout.router, device="cpu")
+    assert router.model.head_config.last_layer == "kb"
+    val = load_tokens(layout.tokens("val"))
+    probs, exits = router.predict_tokens(val.input_ids, val.attention_mask)
+    assert float((probs.argmax(1) == val.labels.numpy()).mean()) == pytest.approx(summary["val_accuracy"])
+
+
+def torch_pinv_projector(rows):
+    """The projector onto the row space of ``rows`` (k, H): x @ P is x's part in that span."""
+    import torch
+
+    return torch.linalg.pinv(rows) @ rows

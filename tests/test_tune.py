@@ -30,7 +30,6 @@ from moegate.studies import choose_lambda, pareto_front
 from moegate.tune import (
     RELEASED_KEY,
     StudySpec,
-    _Worker,
     admitted,
     budget_counts,
     collect,
@@ -42,6 +41,7 @@ from moegate.tune import (
     with_params,
     worker,
 )
+from moegate.tune.workers import _Worker
 
 SPACE = {
     "backbone.learning_rate": {"type": "float", "low": 1.0e-5, "high": 1.0e-3, "log": True},
@@ -81,7 +81,7 @@ def paired_objective(config: dict, trial) -> dict:
 
 def lambda_objective(config: dict, trial) -> dict:
     """Larger λ: fewer layers, a little less accuracy."""
-    lam = config["router"]["lambda_"]
+    lam = config["router"]["ponder_cost"]
     return {"val_accuracy": 0.9 - 0.05 * lam, "val_mean_layers": 6.0 - 5.0 * lam ** 0.5,
             "val_accuracy_full_depth": 0.9, "val_nll": 0.3}
 
@@ -233,7 +233,7 @@ def test_pareto_front_on_hand_made_points():
 
 
 def _rows(points):
-    return [{"trial": i, "router.lambda_": 0.01 * (i + 1), "val_accuracy": a, "val_mean_layers": m}
+    return [{"trial": i, "router.ponder_cost": 0.01 * (i + 1), "val_accuracy": a, "val_mean_layers": m}
             for i, (a, m) in enumerate(points)]
 
 
@@ -295,7 +295,7 @@ def test_n_trials_zero_collects_a_note_without_any_storage(tmp_path):
         assert out["params"] == {} and "config's values stand" in out["note"]
     tuning = tmp_path / "results" / "tuning"
     assert not (tuning / "optuna.journal").exists()
-    assert (tuning / "lambda_pareto.csv").read_text().startswith("trial,router.lambda_,val_accuracy")
+    assert (tuning / "lambda_pareto.csv").read_text().startswith("trial,router.ponder_cost,val_accuracy")
     assert (tuning / "lambda_pareto.png").stat().st_size > 1000
 
 
@@ -346,13 +346,13 @@ def test_lambda_study_writes_the_front_and_the_chosen_lambda(tmp_path):
     st = optuna.load_study(study_name=out["study"], storage=open_storage(config))
     assert st.metric_names == ["val_accuracy", "val_mean_layers"]  # both objectives named in optuna-dashboard
     csv = (tmp_path / "results" / "tuning" / "lambda_pareto.csv").read_text().splitlines()
-    assert csv[0] == "trial,router.lambda_,val_accuracy,val_mean_layers,val_accuracy_full_depth,val_nll,pareto,chosen"
+    assert csv[0] == "trial,router.ponder_cost,val_accuracy,val_mean_layers,val_accuracy_full_depth,val_nll,pareto,chosen"
     assert len(csv) == 7 and sum(line.endswith(",True") for line in csv) == 1  # one chosen row
     rows = [{"trial": t["number"], "val_accuracy": t["values"][0], "val_mean_layers": t["values"][1]}
             for t in out["trials"]]
     expected = choose_lambda(rows, 0.005)
     assert out["chosen"]["trial"] == expected["trial"]
-    assert out["params"] == {"router.lambda_": out["chosen"]["router.lambda_"]}
+    assert out["params"] == {"router.ponder_cost": out["chosen"]["router.ponder_cost"]}
     assert len(out["pareto"]) == 6  # this objective trades accuracy for layers monotonically
     assert (tmp_path / "results" / "tuning" / "lambda_pareto.png").stat().st_size > 1000
 
@@ -458,7 +458,7 @@ def test_lambda_study_with_the_real_router_objective_on_a_tiny_model(tiny_run):
     config["tuning"]["lambda"]["n_trials"] = 2
     worker(config, "lambda", 0)
     out = collect(config, "lambda")
-    assert out["n_complete"] == 2 and set(out["params"]) == {"router.lambda_"}
+    assert out["n_complete"] == 2 and set(out["params"]) == {"router.ponder_cost"}
     assert 1.0 <= out["chosen"]["val_mean_layers"] <= 3.0  # the tiny backbone has 3 layers
     assert {"val_accuracy_full_depth", "val_nll"} <= set(out["chosen"])
     csv = (Path(config["results"]) / "tuning" / "lambda_pareto.csv").read_text().splitlines()

@@ -12,6 +12,7 @@ import copy
 import functools
 import os
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ import yaml
 from moegate.errors import MoegateError
 
 SCHEMA_FILE = "config.schema.yaml"  # package data: one copy, for the CLI, a wheel install and the Snakefile
+# renamed keys, old dotted key -> new: a config (or tuned params, a search space) that still says the old
+# one is read as the new one with a FutureWarning; the schema knows only the new names
+RENAMED = {
+    "router.lambda_": "router.ponder_cost",
+    "router.lambda_grid": "router.ponder_cost_grid",
+}
 
 
 class ConfigError(MoegateError, ValueError):
@@ -86,9 +93,86 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return path or "<top level>"
 
 
+# -- dotted keys ("router.head.width"): overrides, trial parameters, tuned values ------------------------
+_REQUIRED = object()  # get_dotted without a default: a missing key is an error
+
+
+def get_dotted(config: dict[str, Any], dotted: str, default: Any = _REQUIRED) -> Any:
+    """The value at ``dotted`` in ``config``; ``default`` when a part is missing (none given: ConfigError)."""
+    node: Any = config
+    for i, key in enumerate(dotted.split(".")):
+        if not isinstance(node, dict) or key not in node:
+            if default is not _REQUIRED:
+                return default
+            where = ".".join(dotted.split(".")[:i]) or "<top level>"
+            raise ConfigError(f"{dotted}: the config has no key {key!r} in {where}")
+        node = node[key]
+    return node
+
+
+def set_dotted(config: dict[str, Any], dotted: str, value: Any, create: bool = False) -> None:
+    """Set ``dotted`` in ``config`` to ``value``, in place.
+
+    ``create``: make missing sections (overrides of a config not yet filled with defaults); otherwise a
+    missing section, or a value where a section should be, is a ConfigError naming the key.
+    """
+    node = config
+    *parents, leaf = dotted.split(".")
+    for i, key in enumerate(parents):
+        if create and key not in node:
+            node[key] = {}
+        if not isinstance(node.get(key), dict):
+            section = ".".join(parents[:i + 1])
+            what = "no section" if key not in node else f"a value ({node[key]!r}), not a section, at"
+            raise ConfigError(f"{dotted}: the config has {what} {section!r}")
+        node = node[key]
+    node[leaf] = value
+
+
+def current_key(dotted: str, source: str = "config") -> str:
+    """The key's current name: a renamed one (:data:`RENAMED`) gives its new name, with a FutureWarning."""
+    new = RENAMED.get(dotted)
+    if new is None:
+        return dotted
+    warnings.warn(f"{source}: {dotted} is deprecated, renamed {new}; read as {new} (rename it: the old name "
+                  "will stop working)", FutureWarning, stacklevel=2)
+    return new
+
+
+def rename_deprecated(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Move renamed keys (:data:`RENAMED`) to their new names, in place, before schema validation.
+
+    The config's own keys and the keys of every ``tuning.<study>.search_space``. Each old key found
+    gives a FutureWarning naming the old and the new key; both set at once is a ConfigError.
+    """
+    spaces = [(f"tuning.{study}.search_space", section["search_space"])
+              for study, section in (config.get("tuning") or {}).items()
+              if isinstance(section, dict) and isinstance(section.get("search_space"), dict)]
+    absent = object()
+    for old, new in RENAMED.items():
+        value = get_dotted(config, old, absent)
+        if value is not absent:
+            if get_dotted(config, new, absent) is not absent:
+                raise ConfigError(f"{source}: both {old} (deprecated) and {new} are set; keep only {new} (a "
+                                  "config merged from two files, as snakemake --configfile over config.yaml, "
+                                  "holds both when one file still says the old key)")
+            parent, leaf = old.rsplit(".", 1)
+            del get_dotted(config, parent)[leaf]
+            set_dotted(config, current_key(old, source), value)
+        for where, space in spaces:
+            if old in space:
+                if new in space:
+                    raise ConfigError(f"{source}: {where} has both {old} (deprecated) and {new}; keep only {new}")
+                space[current_key(old, f"{source}: {where}")] = space.pop(old)
+    return config
+
+
 def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Validate ``config`` in place, filling defaults; raise ConfigError naming the key path."""
+    """Validate ``config`` in place, filling defaults; raise ConfigError naming the key path.
+
+    Renamed keys are read under their new names first (:func:`rename_deprecated`)."""
     check_secrets(config, source)  # first: a schema error may quote the section that holds the secret
+    rename_deprecated(config, source)
     sch = schema()
     cls = _with_defaults(jsonschema.validators.validator_for(sch))
     errors = sorted(cls(sch).iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -195,11 +279,7 @@ def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> di
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(config).__name__}")
     for dotted, value in (overrides or {}).items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_dotted(config, current_key(dotted, f"{path}: override"), value, create=True)
     return validate(config, source=str(path))
 
 

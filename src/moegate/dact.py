@@ -11,10 +11,11 @@ mean of the row's token states after layer n:
     p_n = h_n · p_{n-1}
     a_n = y_n · p_{n-1} + a_{n-1} · (1 − p_{n-1})
 
-Training runs all N layers and minimises NLL(log a_N) + λ · mean_batch(Σ_n p_n), optionally plus
-β · mean_n NLL(log y_n) (``layer_loss_weight``: every layer's own classifier trained for its exit, as
-in DeeBERT/PABEE; without it the early heads learn only through a_N). Inference halts
-sample i after layer n (d = N − n layers left, c* the top class of a_n, c_ru the runner-up) when
+Training runs all N layers and minimises NLL(log a_N) + λ · mean_batch(Σ_n p_n) (λ, the ponder cost:
+``router.ponder_cost``), optionally plus β · mean_n NLL(log y_n) (``layer_loss_weight``: every layer's
+own classifier trained for its exit, as in DeeBERT/PABEE; without it the early heads learn only through
+a_N). Inference halts sample i after layer n (d = N − n layers left, c* the top class of a_n, c_ru the
+runner-up) when
 
     a_n[c*] · (1 − p_n)^d ≥ a_n[c_ru] + d · p_n
 
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 POOLINGS = ("cls", "mean")
 CLASSIFIERS = ("mlp", "prototypes")
+# the last unit: trained like the others, or kb = the KB index's own geometry (fixed k-means prototypes of
+# every KB chunk's embedding, read without projection or centring): retrieval routing's space, whose
+# nearest-prototype score beat both retrieval routing and every trained head on real questions
+LAST_LAYERS = ("trained", "kb")
 PROTOTYPE_SCALE_INIT = 20.0  # logit = scale × cosine: a cosine gap of 0.05 starts as e^1 odds
 
 # Halting heads start with h_n = sigmoid(1.0) ≈ 0.73 for every input (zero output weights). Then
@@ -95,6 +100,7 @@ class HeadConfig:
     classifier: str = _HEAD["classifier"]  # mlp = an MLP per layer on u_n; prototypes = cosine to prototypes
     prototypes: int = _HEAD["prototypes"]  # per expert and layer (classifier = prototypes): a course is many topics
     prototype_top_k: int = _HEAD["prototype_top_k"]  # an expert's score: mean of its top-k prototype cosines
+    last_layer: str = _HEAD["last_layer"]  # trained | kb: the last unit keeps the encoder's geometry (see _unit)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -107,6 +113,10 @@ class HeadConfig:
         if int(self.prototype_top_k) > int(self.prototypes):
             raise ValueError(f"router.head.prototype_top_k ({self.prototype_top_k}) exceeds router.head.prototypes "
                              f"({self.prototypes})")
+        if self.last_layer not in LAST_LAYERS:
+            raise ValueError(f"router.head.last_layer: expected one of {list(LAST_LAYERS)}, got {self.last_layer!r}")
+        if self.last_layer == "kb" and self.classifier != "prototypes":
+            raise ValueError("router.head.last_layer: kb needs router.head.classifier: prototypes")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"router.head.activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         for key in ("projection_dim", "width"):
@@ -172,6 +182,27 @@ class _PrototypeHead(nn.Module):
         cos = u @ F.normalize(self.prototypes, dim=-1).T  # (B, K·M)
         top = cos.view(-1, self.num_experts, self.per_expert).topk(self.top_k, dim=-1).values
         return self.log_scale.exp() * top.mean(-1)
+
+
+def _set_prototypes(head: _PrototypeHead, unit: torch.Tensor, labels: torch.Tensor, experts, seed: int,
+                    gen: torch.Generator) -> None:
+    """Set each expert's prototypes in ``head`` to k-means centroids of its rows of ``unit`` (rows, H), unit
+    length. ``experts``: how many (all of range(experts)) or which. An expert with no rows keeps its
+    prototypes; one with fewer rows than prototypes repeats its rows (with a little noise)."""
+    from sklearn.cluster import KMeans
+
+    m = head.per_expert
+    for e in range(experts) if isinstance(experts, int) else experts:
+        rows = unit[labels == e]
+        if rows.shape[0] == 0:
+            continue
+        if rows.shape[0] <= m:
+            picks = torch.arange(m) % rows.shape[0]
+            centers = rows[picks] + 0.01 * torch.randn(m, rows.shape[1], generator=gen)
+        else:
+            km = KMeans(n_clusters=m, n_init=1, random_state=seed, max_iter=100).fit(rows.numpy())
+            centers = torch.from_numpy(km.cluster_centers_).float()
+        head.prototypes[e * m:(e + 1) * m] = F.normalize(centers, dim=-1).to(head.prototypes.device)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -269,6 +300,8 @@ class DactRouterModel(nn.Module):
             self.classifiers = nn.ModuleList(_PrototypeHead(hidden, self.num_experts, head) for _ in range(n))
             # the halting head also sees how sure y_n is (top probability, margin to the runner-up)
             self.halting = nn.ModuleList(_Head(hidden + 2, 1, head) for _ in range(n))
+            if head.last_layer == "kb":  # set by init_kb_prototypes, then left as they are
+                self.classifiers[-1].prototypes.requires_grad_(False)
         else:
             self.projection = nn.Sequential(
                 nn.Linear(hidden, head.projection_dim), ACTIVATIONS[head.activation](), nn.Dropout(head.dropout)
@@ -321,7 +354,10 @@ class DactRouterModel(nn.Module):
     def _unit(self, n: int, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer n's DACT unit on c_n (B, H) from :meth:`_pool`: (log y_n (B, K), log h_n (B,)) in float32."""
         if self.center is not None:  # prototype units
-            u = F.normalize(self.projection(pooled.float() - self.center[n - 1]), dim=-1)
+            if n == self.num_layers and self.head_config.last_layer == "kb":
+                u = F.normalize(pooled.float(), dim=-1)  # the encoder's own space: the KB index's cosine
+            else:
+                u = F.normalize(self.projection(pooled.float() - self.center[n - 1]), dim=-1)
             log_y = F.log_softmax(self.classifiers[n - 1](u).float(), dim=-1)
             top = log_y.exp().topk(min(2, self.num_experts), dim=-1).values
             margin = top[:, 0] - top[:, 1] if self.num_experts > 1 else top[:, 0]
@@ -334,15 +370,17 @@ class DactRouterModel(nn.Module):
         return F.log_softmax(logits, dim=-1), F.logsigmoid(halt)
 
     @torch.no_grad()
-    def init_prototypes(self, states: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> None:
+    def init_prototypes(self, states: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+                        experts: list[int] | None = None, recenter: bool = True) -> None:
         """Centre each layer on the mean of ``states`` and set every expert's prototypes to k-means
         centroids of its rows' centred, unit-length states at that layer.
 
         In: states (N, rows, H) pooled states of labelled rows (the KB windows, ideally), labels (rows,).
         An expert with fewer rows than prototypes repeats its rows (with a little noise).
+        ``experts``: set only these experts' prototypes (the others keep theirs); ``recenter`` False keeps
+        the layer centres (a warm-started router adding an expert: its old prototypes live around them).
+        With ``router.head.last_layer: kb`` the last layer is left to :meth:`init_kb_prototypes`.
         """
-        from sklearn.cluster import KMeans
-
         if self.center is None:
             raise ValueError("init_prototypes: router.head.classifier is not 'prototypes'")
         states, labels = torch.as_tensor(states).float().cpu(), torch.as_tensor(labels).long().cpu()
@@ -350,23 +388,34 @@ class DactRouterModel(nn.Module):
             raise ValueError(f"init_prototypes: states {tuple(states.shape)} do not match {self.num_layers} layers "
                              f"and {labels.shape[0]} labels")
         gen = torch.Generator().manual_seed(seed)
-        for n in range(self.num_layers):
-            center = states[n].mean(0)
-            self.center[n] = center.to(self.center.device)
+        layers = self.num_layers - (self.head_config.last_layer == "kb")  # kb: init_kb_prototypes sets the last
+        for n in range(layers):
+            if recenter:
+                self.center[n] = states[n].mean(0).to(self.center.device)
+            center = self.center[n].cpu()
             unit = F.normalize(states[n] - center, dim=-1)
-            head = self.classifiers[n]
-            m = head.per_expert
-            for e in range(self.num_experts):
-                rows = unit[labels == e]
-                if rows.shape[0] == 0:
-                    continue  # no rows for this expert: its random prototypes stay
-                if rows.shape[0] <= m:
-                    picks = torch.arange(m) % rows.shape[0]
-                    centers = rows[picks] + 0.01 * torch.randn(m, rows.shape[1], generator=gen)
-                else:
-                    km = KMeans(n_clusters=m, n_init=1, random_state=seed, max_iter=100).fit(rows.numpy())
-                    centers = torch.from_numpy(km.cluster_centers_).float()
-                head.prototypes[e * m:(e + 1) * m] = F.normalize(centers, dim=-1).to(head.prototypes.device)
+            _set_prototypes(self.classifiers[n], unit, labels, self.num_experts if experts is None else experts,
+                            seed, gen)
+
+    @torch.no_grad()
+    def init_kb_prototypes(self, vectors: torch.Tensor, experts: torch.Tensor, seed: int = 0,
+                           only: list[int] | None = None) -> None:
+        """``router.head.last_layer: kb``: set the last layer's prototypes to k-means centroids of each
+        expert's KB chunk vectors (the retrieval index: every chunk, unit length, uncentred).
+
+        In: vectors (chunks, H), experts (chunks,) the expert index of each chunk; ``only``: set just these
+        experts' prototypes (a warm start). The last unit then scores a question as retrieval routing
+        does, but against M centroids per expert instead of every chunk.
+        """
+        if self.head_config.last_layer != "kb":
+            raise ValueError("init_kb_prototypes: router.head.last_layer is not 'kb'")
+        vectors, experts = torch.as_tensor(vectors).float().cpu(), torch.as_tensor(experts).long().cpu()
+        if vectors.ndim != 2 or vectors.shape[1] != self.hidden_size or len(experts) != len(vectors):
+            raise ValueError(f"init_kb_prototypes: vectors {tuple(vectors.shape)} and experts {tuple(experts.shape)} "
+                             f"do not match the encoder's hidden size {self.hidden_size}")
+        self.center[-1] = 0.0
+        _set_prototypes(self.classifiers[-1], F.normalize(vectors, dim=-1), experts,
+                        self.num_experts if only is None else only, seed, torch.Generator().manual_seed(seed))
 
     # -- training path -------------------------------------------------------------------------------
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -408,17 +457,18 @@ class DactRouterModel(nn.Module):
         )
 
     @staticmethod
-    def loss(out: DactOutput, labels: torch.Tensor, lambda_: float, layer_loss_weight: float = 0.0,
+    def loss(out: DactOutput, labels: torch.Tensor, ponder_cost: float, layer_loss_weight: float = 0.0,
              teacher: torch.Tensor | None = None, teacher_weight: float = 0.0):
         """(total, nll, ponder): NLL(log a_N) and Σ_n p_n, each a mean over the batch's rows.
 
-        total = nll + λ·ponder + β·mean_n NLL(log y_n) with β = ``layer_loss_weight`` (0 = plain DACT),
-        plus, with a ``teacher`` distribution (B, K), w·[KL(teacher ‖ a_N) + β·mean_n KL(teacher ‖ y_n)]
-        with w = ``teacher_weight``: the retrieval teacher distilled into the answer and every exit.
+        total = nll + λ·ponder + β·mean_n NLL(log y_n) with λ = ``ponder_cost`` and β = ``layer_loss_weight``
+        (0 = plain DACT), plus, with a ``teacher`` distribution (B, K), w·[KL(teacher ‖ a_N) +
+        β·mean_n KL(teacher ‖ y_n)] with w = ``teacher_weight``: the retrieval teacher distilled into the
+        answer and every exit.
         """
         nll = F.nll_loss(out.log_a, labels)
         ponder = out.p.sum(0).mean()
-        total = nll + float(lambda_) * ponder
+        total = nll + float(ponder_cost) * ponder
         n_layers, _, k = out.log_y.shape
         if layer_loss_weight:
             per_layer = F.nll_loss(out.log_y.reshape(-1, k), labels.repeat(n_layers))  # mean over (n, row)

@@ -24,6 +24,14 @@ Two things beside the questions, both from the knowledge bases (synthesized sour
 The split is stratified by expert and grouped by ``context_id``: questions written from one context
 are near-paraphrases of each other, so a context that straddled train and test would leak answers
 into the score (the original project did exactly that). See :func:`assign_groups` for the rule.
+
+Adding or removing an expert leaves the other experts' rows as they were: each expert's split, train
+cap and window share are drawn from generators seeded by (seed, the expert's name) and count only its
+own rows. (Only a question or window whose text another expert also has can change: a question under
+two experts is dropped as ambiguous, and of two equal windows the first expert's is kept.) The teacher
+is recomputed for every row (a new expert is a new column), but the encoder runs only on what it has
+not seen: KB chunks and row texts embedded before come from ``results/cache/`` (:mod:`moegate.rowcache`;
+``report.json`` → ``cache`` says how many were reused).
 """
 
 from __future__ import annotations
@@ -298,12 +306,17 @@ def kb_windows(config: dict, layout: Layout, chunk_row: dict[str, int]) -> pd.Da
 
 
 def add_windows(frame: pd.DataFrame, windows: pd.DataFrame, max_share: float, seed: int,
-                dropped: dict[str, int]) -> pd.DataFrame:
+                dropped: dict[str, int], split_of: pd.Series | None = None,
+                train_questions: dict[str, int] | None = None) -> pd.DataFrame:
     """Join KB windows to the split questions: a window takes its context's split; windows of held-out
     contexts are dropped (``window_held_out``); windows of contexts no question came from go to train.
     Each expert keeps at most ``max_share`` of its training rows as windows (seeded sample;
-    ``window_over_share``). Windows that repeat a question or another window are dropped too."""
-    split_of = frame.drop_duplicates("context_id").set_index("context_id")["split"]
+    ``window_over_share``). Windows that repeat a question or another window are dropped too.
+    ``split_of`` (context_id → split) and ``train_questions`` (expert → its training questions, for the
+    share) default to ``frame``'s; the stage passes each expert's own, before questions shared with
+    another expert were dropped, so another expert's questions do not move this expert's windows."""
+    if split_of is None:
+        split_of = frame.drop_duplicates("context_id").set_index("context_id")["split"]
     windows = windows.assign(split=windows["context_id"].map(split_of).fillna("train"))
     held_out = windows["split"] != "train"
     dropped["window_held_out"] = int(held_out.sum())
@@ -314,7 +327,8 @@ def add_windows(frame: pd.DataFrame, windows: pd.DataFrame, max_share: float, se
     windows = windows[~repeat]
     keep = []
     for expert, part in windows.groupby("expert", sort=False):
-        questions = int(((frame["expert"] == expert) & (frame["split"] == "train")).sum())
+        questions = (int(((frame["expert"] == expert) & (frame["split"] == "train")).sum())
+                     if train_questions is None else int(train_questions.get(expert, 0)))
         cap = len(part) if max_share >= 1.0 or questions == 0 else int(max_share / (1.0 - max_share) * questions)
         if len(part) > cap:
             rng = np.random.default_rng([seed, zlib.crc32(str(expert).encode()), 2])
@@ -325,13 +339,19 @@ def add_windows(frame: pd.DataFrame, windows: pd.DataFrame, max_share: float, se
     return pd.concat([frame, kept], ignore_index=True)
 
 
-def teacher_scores(config: dict, frame: pd.DataFrame, index) -> torch.Tensor:
-    """(rows, K) retrieval-routing scores of every row (its own chunk left out for a window)."""
-    from moegate.retrieval import embed_queries
+def teacher_scores(config: dict, frame: pd.DataFrame, index, cache: Path | None = None) -> tuple[torch.Tensor, int]:
+    """(rows, K) retrieval-routing scores of every row (its own chunk left out for a window), and how many
+    rows' embeddings came from ``cache`` (a :mod:`moegate.rowcache` file keyed by the row's text; None:
+    no cache). The scores are always recomputed: an added expert is a new column for every row."""
+    from moegate import rowcache
+    from moegate.retrieval import QUESTION_MAX_LENGTH, embed_queries
 
-    queries = embed_queries(frame["query"].tolist(), config)
+    meta = {**rowcache.encoder_identity(config["encoder"]["model"]), "max_length": QUESTION_MAX_LENGTH}
+    vectors, reused = rowcache.embed_with_cache(frame["query"].tolist(), cache, meta,
+                                                lambda texts: embed_queries(texts, config).numpy())
     exclude = torch.tensor(frame["chunk"].to_numpy(dtype=np.int64))
-    return index.expert_scores(queries, int(config["dataset"]["teacher"]["top_k"]), exclude=exclude)
+    scores = index.expert_scores(torch.from_numpy(vectors), int(config["dataset"]["teacher"]["top_k"]), exclude=exclude)
+    return scores, reused
 
 
 def apply_teacher(frame: pd.DataFrame, teacher: torch.Tensor, scores: torch.Tensor, drop_below: float,
@@ -434,6 +454,11 @@ def _dataset(config: dict, layout: Layout) -> dict:
         rows_in = len(frame)
 
     rows_per_expert = frame["expert"].value_counts()
+    frame["_row"] = np.arange(len(frame))  # each row's identity through cleaning
+    # each expert's own rows, before questions it shares with another expert are dropped as ambiguous: its
+    # split, train cap and window share are drawn from these, so adding or removing another expert moves none
+    parts = [clean(part)[0] for _, part in frame.groupby("expert", sort=False)]
+    own = pd.concat(parts, ignore_index=True) if parts else frame.iloc[:0]
     frame, counts = clean(frame)
     ambiguous_questions = counts.pop("ambiguous_questions")
     dropped.update(counts)
@@ -450,10 +475,14 @@ def _dataset(config: dict, layout: Layout) -> dict:
     label_of = {e: i for i, e in enumerate(experts)}
     frame["label"] = frame["expert"].map(label_of).astype("int64")
     fractions = split_fractions(config)
-    frame["split"] = grouped_split(frame, fractions, int(config["seed"]))
+    own["split"] = grouped_split(own, fractions, int(config["seed"]))
+    own = cap_train_rows(own, ds["max_train_rows_per_expert"], int(config["seed"]))
+    own_split = own.drop_duplicates("context_id").set_index("context_id")["split"]  # a context: one expert
+    frame["split"] = frame["context_id"].map(own_split)
     before = len(frame)
-    frame = cap_train_rows(frame, ds["max_train_rows_per_expert"], int(config["seed"]))
+    frame = frame[frame["_row"].isin(own["_row"])].reset_index(drop=True)
     dropped["over_train_cap"] = before - len(frame)
+    own_train = own[own["split"] == "train"].groupby("expert").size().to_dict()
 
     groups_per_expert = frame.groupby("expert")["context_id"].nunique().reindex(experts, fill_value=0)
     few = {e: int(n) for e, n in groups_per_expert.items() if n < MIN_GROUPS_FOR_ALL_SPLITS}
@@ -469,18 +498,23 @@ def _dataset(config: dict, layout: Layout) -> dict:
 
     frame["kind"], frame["chunk"] = "question", -1
     index, teacher, teacher_report = None, None, None
+    cache_report: dict = {}  # what the encoder did not have to embed again (results/cache/)
     if not ds["labelled_csv"]:  # the KB stages ran: their chunks are rows too, and the teacher's index
         from moegate.retrieval import build_index, teacher_distribution
 
-        index = build_index(config, experts, layout)
+        kb_stats: dict = {}
+        index = build_index(config, experts, layout, cache=True, stats=kb_stats)
         index.save(layout.kb_index)
+        cache_report["kb_index"] = kb_stats
         if ds["kb_windows"]["enabled"]:
             chunk_row = {f"{experts[int(e)]}\x00{c}": i for i, (e, c) in enumerate(zip(index.expert, index.chunk_ids))}
             windows = kb_windows(config, layout, chunk_row)
             frame = add_windows(frame, windows.assign(label=windows["expert"].map(label_of).astype("int64")),
-                                float(ds["kb_windows"]["max_share"]), int(config["seed"]), dropped)
+                                float(ds["kb_windows"]["max_share"]), int(config["seed"]), dropped,
+                                split_of=own_split, train_questions=own_train)
         if ds["teacher"]["enabled"]:
-            scores = teacher_scores(config, frame, index)
+            scores, reused = teacher_scores(config, frame, index, layout.row_embeddings_cache)
+            cache_report["row_embeddings"] = {"rows": len(frame), "reused": reused}
             teacher = teacher_distribution(scores, float(ds["teacher"]["temperature"]))
             frame, teacher, teacher_report = apply_teacher(frame, teacher, scores, float(ds["teacher"]["drop_below"]),
                                                            dropped)
@@ -532,6 +566,7 @@ def _dataset(config: dict, layout: Layout) -> dict:
         "truncated_share": round(truncated_total / len(frame), 4),
         "kb_index": None if index is None else {"chunks": len(index), "encoder": index.encoder},
         "teacher": teacher_report,
+        "cache": cache_report,
         "wall_s": round(time.perf_counter() - started, 2),
     }
     write_json(layout.dataset_report, report)

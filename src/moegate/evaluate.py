@@ -6,7 +6,9 @@ In: ``router/``, ``backbone/``, ``dataset/test.parquet`` + ``dataset/tokenized/t
 Out: ``router/metrics.json`` and ``evaluation/exit_layers.png``, ``evaluation/confusion.png``.
 
 Three systems on the same rows: (a) the router with its per-sample early exit, (b) the same router
-forced to run all N layers, (c) the fine-tuned backbone classifier. For each: accuracy, macro-F1,
+forced to run all N layers, (c) the fine-tuned backbone classifier (null, with ``backbone_skipped``
+saying why, when it was trained on another expert set: ``backbone.rerun_on_dataset_change`` false
+keeps it after an expert is added or removed). For each: accuracy, macro-F1,
 per-expert recall and the confusion matrix; for (a) also the exit-layer histogram, the mean number of
 layers run, and how often (a) and (b) pick the same expert — 1.0 by the exit rule's guarantee: a row
 where they differ (other than at a float tie of full depth's top two) fails the stage
@@ -305,24 +307,26 @@ def retrieval_predictions(config: dict, layout: Layout, labels: list[str], texts
     return RetrievalRouter(index, config, top_k=config["evaluate"]["retrieval_top_k"]).predict(texts)
 
 
-def score_real_questions(config: dict, layout: Layout, labels: list[str], router, backbone: BackboneClassifier,
+def score_real_questions(config: dict, layout: Layout, labels: list[str], router, backbone: BackboneClassifier | None,
                          tokenizer, device: torch.device) -> dict:
     """Every method on the rows of ``evaluate.real_questions``: the ``metrics["real_questions"]`` dict."""
     path = Path(config["evaluate"]["real_questions"])
     texts, truth = read_real_questions(path, labels)
     probs_exit, exit_layer = router.predict(texts, early_exit=True, batch_size=EVAL_BATCH_SIZE)
     probs_full, _ = router.predict(texts, early_exit=False, batch_size=EVAL_BATCH_SIZE)
-    tokens = backbone_tokens(tokenizer, texts, truth, config["dataset"]["max_length"], str(path))
     predicted = {
         "router_early_exit": probs_exit.argmax(1),
         "router_full_depth": probs_full.argmax(1),
-        "backbone": classify(backbone, tokens, EVAL_BATCH_SIZE, device).argmax(1).numpy(),
         "tfidf_logreg": tfidf_predictions(layout.split("train"), texts, config["seed"]),
     }
+    if backbone is not None:  # None: trained on another expert set (backbone.rerun_on_dataset_change false)
+        tokens = backbone_tokens(tokenizer, texts, truth, config["dataset"]["max_length"], str(path))
+        predicted["backbone"] = classify(backbone, tokens, EVAL_BATCH_SIZE, device).argmax(1).numpy()
     exact = check_exit_exact(probs_exit, probs_full, f"real questions ({path})")
     retrieval = retrieval_predictions(config, layout, labels, texts)
     out = {"path": str(path), "rows": len(truth), **exact}
     out.update({name: classification_metrics(labels, truth, pred) for name, pred in predicted.items()})
+    out.setdefault("backbone", None)
     out["router_early_exit"].update(exit_statistics(labels, truth, exit_layer, router.num_layers))
     out["agreement_early_exit_vs_full_depth"] = float((predicted["router_early_exit"]
                                                        == predicted["router_full_depth"]).mean())
@@ -331,6 +335,8 @@ def score_real_questions(config: dict, layout: Layout, labels: list[str], router
     if retrieval is not None:
         out["mcnemar_vs_retrieval"] = {}
         for name in ("router_early_exit", "backbone", "tfidf_logreg"):
+            if name not in predicted:
+                continue
             test = mcnemar_exact(predicted[name] == truth, retrieval == truth)
             out["mcnemar_vs_retrieval"][name] = {"p_value": test["p_value"], "b": test["a_only"], "c": test["b_only"]}
     scored = ["router_early_exit", "router_full_depth", "backbone", "retrieval_routing", "tfidf_logreg"]
@@ -372,18 +378,25 @@ def evaluate(config: dict) -> dict:
 
     device = pick_device(config["device"])
     encoder, head, tokenizer, backbone_labels = load_backbone_classifier(layout.backbone)
-    if backbone_labels != labels:
-        raise ValueError(f"{layout.backbone / 'labels.json'}: labels {backbone_labels} differ from {labels}")
-    backbone = BackboneClassifier(encoder, head).to(device)
-    t = time.perf_counter()
-    pred_backbone = classify(backbone, test, EVAL_BATCH_SIZE, device).argmax(1).numpy()
-    seconds_backbone = time.perf_counter() - t
-
+    backbone, seconds_backbone, backbone_skipped = None, None, None
     systems = {
         "router_early_exit": classification_metrics(labels, truth, pred_exit),
         "router_full_depth": classification_metrics(labels, truth, pred_full),
-        "backbone": classification_metrics(labels, truth, pred_backbone),
+        "backbone": None,
     }
+    if backbone_labels == labels:
+        backbone = BackboneClassifier(encoder, head).to(device)
+        t = time.perf_counter()
+        pred_backbone = classify(backbone, test, EVAL_BATCH_SIZE, device).argmax(1).numpy()
+        seconds_backbone = round(time.perf_counter() - t, 3)
+        systems["backbone"] = classification_metrics(labels, truth, pred_backbone)
+    else:  # an expert was added or removed and backbone.rerun_on_dataset_change is false: no baseline to score
+        # counted, not named: a removed expert leaves no trace in router/
+        backbone_skipped = (f"{layout.backbone / 'labels.json'}: trained on another expert set ({len(backbone_labels)} "
+                            f"experts, {len(set(backbone_labels) & set(labels))} of them this dataset's "
+                            f"{len(labels)}); set backbone.rerun_on_dataset_change: true (or rerun train_backbone) "
+                            "to score it")
+        log.warning("evaluate: the backbone baseline is not scored: %s", backbone_skipped)
     agreement = float((pred_exit == pred_full).mean())
     exact = check_exit_exact(probs_exit, probs_full, "test rows")
     exits = exit_statistics(labels, truth, exit_layer, n_layers)
@@ -394,13 +407,15 @@ def evaluate(config: dict) -> dict:
         "router_early_exit": {**systems["router_early_exit"], **exits},
         "router_full_depth": systems["router_full_depth"],
         "backbone": systems["backbone"],
+        **({"backbone_skipped": backbone_skipped} if backbone_skipped else {}),
         "agreement_early_exit_vs_full_depth": agreement,
         **exact,
-        "accuracy_gap_vs_backbone": systems["router_early_exit"]["accuracy"] - systems["backbone"]["accuracy"],
+        "accuracy_gap_vs_backbone": None if systems["backbone"] is None else
+        systems["router_early_exit"]["accuracy"] - systems["backbone"]["accuracy"],
         "seconds": {"router_early_exit": round(seconds_exit, 3), "router_full_depth": round(seconds_full, 3),
-                    "backbone": round(seconds_backbone, 3), "device": str(device),
+                    "backbone": seconds_backbone, "device": str(device),
                     "threads": torch.get_num_threads(), "batch_size": EVAL_BATCH_SIZE},
-        "lambda_": router.lambda_,
+        "ponder_cost": router.ponder_cost,
         "wall_seconds": 0.0,
     }
     in_domain = {"test": frame.loc[frame["kind"] == "question", "query"].astype(str).tolist()}
@@ -409,14 +424,15 @@ def evaluate(config: dict) -> dict:
         in_domain["real_questions"] = read_real_questions(config["evaluate"]["real_questions"], labels)[0]
     metrics["abstain"] = abstain_metrics(config, router, in_domain)
     plot_exit_layers(layout.evaluation / "exit_layers.png", labels, truth, exit_layer, n_layers)
-    plot_confusions(layout.evaluation / "confusion.png", labels, {
+    plot_confusions(layout.evaluation / "confusion.png", labels, {name: system for name, system in {
         "router (early exit)": systems["router_early_exit"], "router (full depth)": systems["router_full_depth"],
-        "backbone classifier": systems["backbone"]})
+        "backbone classifier": systems["backbone"]}.items() if system is not None})
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 3)
     write_json(layout.router / "metrics.json", metrics)
     write_model_card(layout.router, metrics)  # the card's front matter carries the test metrics
-    log.info("evaluate: %d test rows; accuracy early exit %.4f, full depth %.4f, backbone %.4f; "
+    log.info("evaluate: %d test rows; accuracy early exit %.4f, full depth %.4f, backbone %s; "
              "mean exit layer %.2f of %d; agreement %.4f", len(truth), systems["router_early_exit"]["accuracy"],
-             systems["router_full_depth"]["accuracy"], systems["backbone"]["accuracy"], exits["mean_layers"],
+             systems["router_full_depth"]["accuracy"],
+             "n/a" if systems["backbone"] is None else f"{systems['backbone']['accuracy']:.4f}", exits["mean_layers"],
              n_layers, agreement)
     return metrics

@@ -54,6 +54,28 @@ class Layout:
         """Raw LLM replies keyed by request hash; survives failed jobs (not a rule output)."""
         return self.results / "cache" / "llm"
 
+    # -- caches kept between runs (not rule outputs: Snakemake deletes a job's outputs before it reruns) --
+    def kb_vectors_cache(self, expert: str) -> Path:
+        """An expert's KB chunks embedded with ``encoder.model`` for the KB index, keyed by the KB's
+        content and the encoder: adding an expert embeds only the new KB (:mod:`moegate.rowcache`)."""
+        return self.results / "cache" / "kb_index" / f"{expert}.safetensors"
+
+    @property
+    def row_embeddings_cache(self) -> Path:
+        """Every dataset row's ``encoder.model`` embedding (the retrieval teacher's queries), keyed by text."""
+        return self.results / "cache" / "embeddings" / "rows.safetensors"
+
+    def states_cache(self, name: str) -> Path:
+        """The last states stage's ``states/{name}.safetensors`` (a hard link): rows whose tokens it holds
+        are not run through the encoder again."""
+        return self.results / "cache" / "states" / f"{name}.safetensors"
+
+    @property
+    def previous_router(self) -> Path:
+        """The router the last train_router wrote (hard links), which ``router.warm_start: auto`` starts
+        from: Snakemake deletes ``router/``'s files before train_router reruns."""
+        return self.results / "cache" / "router"
+
     @property
     def dataset(self) -> Path:
         return self.dataset_dir or self.results / "dataset"

@@ -107,25 +107,42 @@ def embed_queries(texts: list[str], config: dict) -> torch.Tensor:
     return torch.from_numpy(vectors)
 
 
-def build_index(config: dict, labels: list[str], layout: Layout | None = None) -> KBIndex:
-    """Every expert's KB chunks in ``encoder.model``'s space (see the module docstring)."""
+def build_index(config: dict, labels: list[str], layout: Layout | None = None, cache: bool = False,
+                stats: dict | None = None) -> KBIndex:
+    """Every expert's KB chunks in ``encoder.model``'s space (see the module docstring).
+
+    ``cache``: chunks embedded again are kept per expert in ``results/cache/kb_index/`` (keyed by their
+    text, under the same encoder and max length), so a rebuild after an expert was added embeds only
+    the new KB. ``stats``: filled with {expert: {"chunks", "reused"}}.
+    """
+    from moegate import rowcache
     from moegate.encoder import embed
 
     layout = layout or Layout.from_config(config)
     enc = config["encoder"]
+    identity = {**rowcache.encoder_identity(enc["model"]), "max_length": enc["max_length"]} if cache else {}
     vectors, experts, ids = [], [], []
     for i, expert in enumerate(labels):
         kb = read_table(layout.kb(expert), ("id", "text", "embedding"), f"did `moegate ingest --expert {expert}` run?")
         report_path = layout.kb_report(expert)
         report = read_json(report_path) if report_path.is_file() else {}
         same_encoder = report.get("kind") == "documents" and report.get("encoder", {}).get("model") == enc["model"]
+        reused = 0
         if same_encoder and len(kb):
             v = np.stack(kb["embedding"].to_numpy()).astype(np.float32)
+            reused = len(kb)
         else:
-            log.info("retrieval index: embedding %s's %d chunks with %s (the KB's vectors come from %s)", expert,
-                     len(kb), enc["model"], report.get("kind", "an unknown encoder"))
-            v = embed(kb["text"].astype(str).tolist(), enc["model"], batch_size=enc["batch_size"],
-                      max_length=enc["max_length"], device_setting=config["device"])
+            def compute(texts: list[str], expert=expert, chunks=len(kb), kind=report.get("kind")) -> np.ndarray:
+                log.info("retrieval index: embedding %d of %s's %d chunks with %s (the KB's vectors come from %s)",
+                         len(texts), expert, chunks, enc["model"], kind or "an unknown encoder")
+                return embed(texts, enc["model"], batch_size=enc["batch_size"], max_length=enc["max_length"],
+                             device_setting=config["device"])
+
+            v, reused = rowcache.embed_with_cache(kb["text"].astype(str).tolist(),
+                                                  layout.kb_vectors_cache(expert) if cache else None, identity,
+                                                  compute)
+        if stats is not None:
+            stats[expert] = {"chunks": len(kb), "reused": int(reused)}
         v = v / np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-9, None)
         vectors.append(v.astype(np.float32))
         experts += [i] * len(v)

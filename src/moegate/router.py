@@ -6,8 +6,9 @@
 
 A router directory is laid out like a Hugging Face model directory. It holds ``config.json``
 (``model_type`` "moegate-dact-router", the format version, labels with ``id2label`` / ``label2id``, the
-backbone's HF config, head config, λ, the exit rule, max length, the abstain score and its calibrated
-threshold, training metadata), ``backbone/config.json`` (the backbone's HF config again, where
+backbone's HF config, head config, ``ponder_cost`` (λ; older routers say ``lambda_``, still read), the
+exit rule, max length, the abstain score and its calibrated threshold, training metadata),
+``backbone/config.json`` (the backbone's HF config again, where
 ``AutoConfig.from_pretrained(dir, subfolder="backbone")`` reads it),
 ``model.safetensors`` (the whole DactRouterModel state: encoder + DACT units), the tokenizer files,
 ``kb_index.safetensors`` when the router abstains on ``kb_similarity`` (the KB windows' last-layer
@@ -76,7 +77,7 @@ def save_router(
     tokenizer,
     labels: list[str],
     max_length: int,
-    lambda_: float,
+    ponder_cost: float,
     metadata: dict,
     extra_json: dict[str, dict] | None = None,
     abstain_below: float | None = None,
@@ -86,8 +87,8 @@ def save_router(
     """Write a router directory at ``path`` atomically (a killed job leaves the old one or none).
 
     In: the trained model, its tokenizer, the expert labels in output order, the tokenizer max length,
-    λ, free-form ``metadata`` (training params, tuned values, study names), ``extra_json`` files
-    ({"training.json": curves}), and how ``route`` abstains: ``abstain`` = {"score": "kb_similarity" |
+    the ponder cost λ it was trained with, free-form ``metadata`` (training params, tuned values, study
+    names), ``extra_json`` files ({"training.json": curves}), and how ``route`` abstains: ``abstain`` = {"score": "kb_similarity" |
     "probability", "threshold": float | None, "top_k": int (kb_similarity), ...calibration facts} with
     ``kb_index`` (a KBIndex of last-layer states, :func:`moegate.abstain.kb_index_from_states`) for
     kb_similarity; or just ``abstain_below``, a threshold on the probability. Out: the path.
@@ -118,7 +119,7 @@ def save_router(
         "num_experts": model.num_experts,
         "num_layers": model.num_layers,
         "max_length": int(max_length),
-        "lambda_": float(lambda_),
+        "ponder_cost": float(ponder_cost),
         "abstain": abstain,
         "head": model.head_config.to_dict(),
         "exit_rule": EXIT_RULE,
@@ -219,7 +220,7 @@ expert, with a probability for every expert, leaving the encoder as soon as the 
   `backbone/config.json` (`AutoConfig.from_pretrained(dir, subfolder="backbone")`)
 - experts ({config['num_experts']}):
 {experts}
-- ponder cost λ = {config['lambda_']}; max length {config['max_length']} tokens
+- ponder cost λ = {config['ponder_cost']}; max length {config['max_length']} tokens
 - exit rule ({config['exit_rule']['name']}): `{config['exit_rule']['formula']}`
 - abstains (expert = null) when {config['abstain']['score']} < {config['abstain']['threshold']}
 
@@ -313,7 +314,7 @@ class Router:
         self.kb_index = kb_index
         if self.abstain_score == "kb_similarity" and kb_index is None:
             raise RouterError(f"router {self.path or '(in memory)'}: abstains on kb_similarity but has no kb_index")
-        self.lambda_ = self.config.get("lambda_")
+        self.ponder_cost = self.config.get("ponder_cost")
 
     @property
     def num_layers(self) -> int:
@@ -396,7 +397,8 @@ class Router:
                               f"{model.num_layers}")
 
         kb_index = _load_kb_index(path, config, model)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # the backbone's config tells AutoTokenizer the model type (the directory's config.json is the router's)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), config=model.encoder.config)
         _check_vocabulary(path, config, tokenizer, model)
         if getattr(tokenizer, "padding_side", "right") != "right":
             tokenizer.padding_side = "right"  # the model reads [CLS] at position 0
@@ -595,6 +597,8 @@ def _read_router_config(path: Path) -> dict:
     if not config["labels"]:
         raise RouterError(f"{path}: key 'labels' is empty")
     _check_exit_rule(path, config.get("exit_rule"))
+    if "lambda_" in config and "ponder_cost" not in config:  # saved before the key was renamed
+        config["ponder_cost"] = config.pop("lambda_")
     abstain = config.get("abstain")
     if abstain is not None and (not isinstance(abstain, dict) or abstain.get("score") not in SCORES):
         score = abstain.get("score") if isinstance(abstain, dict) else abstain

@@ -8,8 +8,14 @@ units then train on the cache: an epoch, and a tuning trial, cost seconds instea
 In:  ``dataset/tokenized/{split}.safetensors`` (input_ids, attention_mask, labels, teacher?),
      ``backbone.model`` (the pretrained encoder) and ``router.head.pooling``.
 Out: ``states/{split}.safetensors``: ``states`` (N, rows, H) float32, ``labels`` (rows,), ``teacher``
-     (rows, K) when the dataset has one, ``window`` (rows,) 1 for KB windows; metadata: encoder, pooling,
-     and the digest of the tokens file it was computed from (a stale cache is refused on load).
+     (rows, K) when the dataset has one, ``window`` (rows,) 1 for KB windows, ``row_key`` (rows, 16) the
+     digest of each row's tokens; metadata: encoder (name and weights digest), pooling, and the digest of
+     the tokens file it was computed from (a stale cache is refused on load). ``states/report.json``:
+     rows per split, and how many rows' states were reused from the last run and how many computed.
+
+Reuse: the last run's states files are kept (hard links) in ``results/cache/states/``
+(:mod:`moegate.rowcache`); a row whose tokens they hold, under the same encoder and pooling, takes its
+states from there, so after an expert is added only the new expert's rows go through the encoder.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from moegate import rowcache
 from moegate.io import atomic_dir, atomic_path, write_json
 from moegate.layout import Layout
 from moegate.training import TokenSplit, batch_indices, file_digest, load_tokens, num_batches
@@ -89,7 +96,10 @@ def states(config: dict) -> dict:
     into a temporary sibling of ``states/`` that replaces it whole at the end; returns a summary."""
     layout = Layout.from_config(config)
     with atomic_dir(layout.states) as staged:
-        return _states(config, layout.staged(states_dir=staged))
+        summary = _states(config, layout.staged(states_dir=staged))
+    for split in SPLITS:  # the next run's cache: these very files (a killed link leaves the older cache, still valid)
+        rowcache.link(layout.state_file(split), layout.states_cache(split))
+    return summary
 
 
 def _states(config: dict, layout: Layout) -> dict:
@@ -104,24 +114,42 @@ def _states(config: dict, layout: Layout) -> dict:
     device = pick_device(config["device"])
     encoder = frozen_encoder(config)
     model = DactRouterModel(encoder, len(labels), HeadConfig(**config["router"]["head"])).to(device)
-    summary = {"encoder": config["backbone"]["model"], "pooling": model.head_config.pooling, "splits": {}}
+    identity = {**rowcache.encoder_identity(config["backbone"]["model"]), "pooling": model.head_config.pooling}
+    index, cached = rowcache.read([layout.states_cache(s) for s in SPLITS], identity, "states", axis=1)
+    summary = {"encoder": config["backbone"]["model"], "pooling": model.head_config.pooling, "splits": {},
+               "reused": 0, "computed": 0}
     for split in SPLITS:
         path = layout.tokens(split)
         tokens = load_tokens(path)
-        pooled = compute_states(model, tokens, device, desc=f"states {split}")
+        keys = rowcache.token_keys(tokens.input_ids, tokens.attention_mask)
+        found, values = rowcache.lookup(keys, index, cached)
+        pooled = torch.zeros(model.num_layers, len(tokens), model.hidden_size, dtype=torch.float32)
+        if values is not None:
+            pooled[:, found] = values.movedim(0, 1).float()
+        missing = (~found).nonzero().squeeze(1)
+        if len(missing):
+            sub = TokenSplit(tokens.input_ids[missing], tokens.attention_mask[missing], tokens.labels[missing],
+                             source=tokens.source)
+            pooled[:, missing] = compute_states(model, sub, device, desc=f"states {split}")
         frame = pd.read_parquet(layout.split(split), columns=["kind"])
         tensors = {"states": pooled.to(STATE_DTYPE).contiguous(), "labels": tokens.labels.contiguous(),
-                   "window": torch.tensor((frame["kind"] == "window").to_numpy(), dtype=torch.uint8)}
+                   "window": torch.tensor((frame["kind"] == "window").to_numpy(), dtype=torch.uint8),
+                   rowcache.KEY_TENSOR: keys}
         if tokens.teacher is not None:
             tensors["teacher"] = tokens.teacher.contiguous()
-        meta = {"encoder": config["backbone"]["model"], "pooling": model.head_config.pooling,
-                "tokens_digest": file_digest(path)}
+        meta = {**identity, "tokens_digest": file_digest(path), "cache_format": rowcache.FORMAT}
         with atomic_path(layout.state_file(split)) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
-        summary["splits"][split] = {"rows": len(tokens), "shape": list(pooled.shape)}
+        reused = int(found.sum())
+        summary["splits"][split] = {"rows": len(tokens), "shape": list(pooled.shape), "reused": reused,
+                                    "computed": len(tokens) - reused}
+        summary["reused"] += reused
+        summary["computed"] += len(tokens) - reused
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     write_json(layout.states / "report.json", summary)
-    log.info("states: %s in %.1f s", {s: v["rows"] for s, v in summary["splits"].items()}, summary["wall_s"])
+    log.info("states: %s in %.1f s (%d rows reused from the last run, %d computed)",
+             {s: v["rows"] for s, v in summary["splits"].items()}, summary["wall_s"], summary["reused"],
+             summary["computed"])
     return summary
 
 

@@ -15,7 +15,12 @@ Loss = NLL(log a_N) + λ · mean Σ_n p_n + β · mean_n NLL(log y_n) + w · [KL
 retrieval teacher); early stopping watches the validation value of the DACT part, NLL(log a_N) +
 λ · ponder, which is what the router is. Every epoch also records validation accuracy with the real
 per-sample early exit, at full depth, and the mean number of layers the early exit ran. λ comes from
-the λ study, or, when it did not run, from a sweep of ``router.lambda_grid`` on val (:func:`sweep_lambda`).
+the λ study, or, when it did not run, from a sweep of ``router.ponder_cost_grid`` on val (:func:`sweep_lambda`).
+
+After an expert was added or removed, the router starts from the previous one (``router.warm_start``,
+:mod:`moegate.warm_start`): its weights carried over, classifier rows matched by expert name; unless
+``tuning.rerun_on_dataset_change``, λ stays the previous router's (no sweep). Every router written is
+also kept as ``results/cache/router/`` (hard links), the next warm start's source.
 """
 
 from __future__ import annotations
@@ -50,13 +55,14 @@ from moegate.training import (
     trial_reporter,
 )
 from moegate.tuned import apply_tuned
+from moegate.warm_start import WarmStart, carry_over, choose, snapshot
 
 log = logging.getLogger(__name__)
 
 TUNED_STUDIES = NAMES  # every study, in order: the router starts from all their chosen values
 
 
-def validation_metrics(model: DactRouterModel, split: TokenSplit, lambda_: float, batch_size: int,
+def validation_metrics(model: DactRouterModel, split: TokenSplit, ponder_cost: float, batch_size: int,
                        device: torch.device) -> dict[str, float]:
     """One pass over ``split``: mean loss terms, accuracy at full depth and with the real early exit.
 
@@ -76,7 +82,7 @@ def validation_metrics(model: DactRouterModel, split: TokenSplit, lambda_: float
             else:
                 out = model(batch["input_ids"], batch["attention_mask"])
                 probs, exit_layer = model.early_exit(batch["input_ids"], batch["attention_mask"])
-            total, nll, ponder = model.loss(out, labels, lambda_)
+            total, nll, ponder = model.loss(out, labels, ponder_cost)
             full, early = out.log_a.argmax(-1), probs.argmax(-1)
             rows = len(labels)
             totals["loss"] += total.item() * rows
@@ -184,13 +190,41 @@ def build_model(config: dict, labels: list[str]) -> tuple[DactRouterModel, str]:
     return DactRouterModel(encoder, len(labels), HeadConfig(**section["head"])), source
 
 
+def init_kb_last_layer(config: dict, layout: Layout, model: DactRouterModel, labels: list[str],
+                       only: list[int] | None = None) -> None:
+    """``router.head.last_layer: kb``: the last layer's prototypes from the KB index the dataset stage wrote
+    (every KB chunk's embedding, ``dataset/kb_index.safetensors``); nothing for ``trained``. ``only``: just
+    these experts' (a warm start adding experts)."""
+    if model.head_config.last_layer != "kb":
+        return
+    from moegate.config import ConfigError
+    from moegate.retrieval import KBIndex
+
+    if config["router"]["encoder_mode"] != "frozen":
+        raise ConfigError(f"router.head.last_layer: kb keeps the pretrained encoder's geometry, so it needs "
+                          f"router.encoder_mode: frozen (got {config['router']['encoder_mode']!r})")
+    path = layout.kb_index
+    if not path.is_file():
+        raise ConfigError(f"router.head.last_layer: kb needs {path}, the KB index the dataset stage builds from the "
+                          "KB stages' chunks (a dataset from dataset.labelled_csv has none); use last_layer: trained")
+    index = KBIndex.load(path)
+    if index.labels != list(labels):
+        raise ValueError(f"{path}: experts {index.labels} do not match the dataset's {list(labels)}")
+    if index.encoder != config["backbone"]["model"]:
+        raise ConfigError(f"router.head.last_layer: kb needs the router's encoder (backbone.model = "
+                          f"{config['backbone']['model']!r}) to be the KB index's ({index.encoder!r}, encoder.model)")
+    model.init_kb_prototypes(index.vectors, index.expert, seed=int(config["seed"]), only=only)
+    log.info("router: last layer's prototypes from %d KB chunks (%s)", len(index), path)
+
+
 def _set_encoder_trainable(model: DactRouterModel, trainable: bool) -> None:
     for p in model.encoder.parameters():
         p.requires_grad_(trainable)
 
 
 def fit(config: dict, out_dir: str | Path | None = None, trial=None,
-        checkpoint_dir: str | Path | None = None, tuned: dict | None = None, extra: dict | None = None) -> dict:
+        checkpoint_dir: str | Path | None = None, tuned: dict | None = None, extra: dict | None = None,
+        warm: WarmStart | None = None, warm_record: dict | None = None) -> dict:
     """Train the DACT router with ``config["router"]`` (already overlaid with tuned values).
 
     ``router.encoder_mode``: frozen = the pretrained encoder stays as it is and the DACT units train on
@@ -203,6 +237,9 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
     early-exit validation accuracy is reported each epoch (single-objective studies) and the trial may
     be pruned. ``checkpoint_dir``: resume the token training from / write a checkpoint there each epoch
     (deleted once out_dir is written). ``tuned``: {study: tuning json}, recorded in the metadata.
+    ``warm``: a previous router to start from (:mod:`moegate.warm_start`; frozen only): its weights
+    carried over, classifier rows matched by expert name, a new expert's prototypes from its own rows;
+    ``warm_record``: the decision, recorded in the metadata (``warm_start``).
     Returns {val_accuracy, val_accuracy_full_depth, val_mean_layers, val_nll, val_loss, epochs, curves}
     of the restored best epoch (accuracy and layers measured with the real early exit).
     """
@@ -214,16 +251,17 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
     layout = Layout.from_config(config)
     section = config["router"]
     mode = section["encoder_mode"]
-    lambda_ = float(section["lambda_"])
+    ponder_cost = float(section["ponder_cost"])
     layer_weight = float(section["layer_loss_weight"])
     teacher_weight = float(section["teacher_weight"])
     labels = read_labels(layout)
     device = pick_device(config["device"])
     model, source = build_model(config, labels)
     vocab = model.encoder.config.vocab_size
+    carried = carry_over(model, warm, labels) if warm is not None else None
 
     def loss_of(m: DactRouterModel, out, batch: dict) -> torch.Tensor:
-        total, _, _ = m.loss(out, batch["labels"], lambda_, layer_loss_weight=layer_weight,
+        total, _, _ = m.loss(out, batch["labels"], ponder_cost, layer_loss_weight=layer_weight,
                              teacher=batch.get("teacher"), teacher_weight=teacher_weight)
         return total
 
@@ -232,13 +270,18 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
     if mode in ("frozen", "lpft"):
         states = {s: load_states(config, s) for s in ("train", "val")}
         sizes = {s: len(d) for s, d in states.items()}
-        if model.head_config.classifier == "prototypes":
+        if model.head_config.classifier == "prototypes" and carried is None:
             model.init_prototypes(*prototype_rows(states["train"]), seed=int(config["seed"]))
+            init_kb_last_layer(config, layout, model, labels)
+        elif model.head_config.classifier == "prototypes" and carried["new_index"]:  # old centres stay
+            model.init_prototypes(*prototype_rows(states["train"]), seed=int(config["seed"]),
+                                  experts=carried["new_index"], recenter=False)
+            init_kb_last_layer(config, layout, model, labels, only=carried["new_index"])
         model.to(device)
         _set_encoder_trainable(model, False)
         probe = LoopSettings.from_section(section["probe"], config["seed"])
         result = train(model, states["train"], lambda m, b: loss_of(m, m.forward_states(b["states"]), b),
-                       lambda m: validation_metrics(m, states["val"], lambda_, probe.batch_size, device),
+                       lambda m: validation_metrics(m, states["val"], ponder_cost, probe.batch_size, device),
                        probe, device, None, hook if mode == "frozen" else None, desc="router probe")
         results.append(("probe", result))
     if mode in ("finetune", "lpft"):
@@ -264,7 +307,7 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
                 if (Path(source) / "model.safetensors").is_file() else source,
                 "data": {s: file_digest(layout.tokens(s)) for s in data}}))
         result = train(model, data["train"], lambda m, b: loss_of(m, m(b["input_ids"], b["attention_mask"]), b),
-                       lambda m: validation_metrics(m, data["val"], lambda_, settings.batch_size, device),
+                       lambda m: validation_metrics(m, data["val"], ponder_cost, settings.batch_size, device),
                        settings, device, checkpoint, hook, desc="router")
         results.append(("finetune", result))
 
@@ -285,7 +328,7 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
             "encoder_mode": mode,
             "encoder_source": source,
             "training": {**training_params(config), "device": str(device)},
-            "lambda_": lambda_,
+            "ponder_cost": ponder_cost,
             "tuned": {s: t.get("params", {}) for s, t in tuned.items()},
             "studies": {s: t.get("study") for s, t in tuned.items()},
             "dataset": sizes,
@@ -294,6 +337,8 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
             "val": {k.removeprefix("val_"): v for k, v in best.items() if k.startswith("val_")},
             "parameters": count_parameters(model),
             "train_seconds": train_seconds, "wall_seconds": wall,
+            "warm_start": {**(warm_record or {"used": False}),
+                           **({k: v for k, v in carried.items() if k != "new_index"} if carried else {})},
         }
         training = {"curves": curves, "best_epoch": result.best_epoch, "epochs_run": summary["epochs"],
                     "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from,
@@ -302,7 +347,7 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
                                               cached=states if mode == "frozen" else None)
         _set_encoder_trainable(model, True)
         save_router(out_dir, model, AutoTokenizer.from_pretrained(source), labels,
-                    max_length=config["dataset"]["max_length"], lambda_=lambda_, metadata=metadata,
+                    max_length=config["dataset"]["max_length"], ponder_cost=ponder_cost, metadata=metadata,
                     extra_json={"training.json": training}, abstain=abstain, kb_index=kb_index)
         log.info("router (%s encoder): val accuracy %.4f (full depth %.4f), mean exit layer %.2f of %d; wrote %s",
                  mode, summary["val_accuracy"], summary["val_accuracy_full_depth"], summary["val_mean_layers"],
@@ -312,21 +357,21 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
     return summary
 
 
-def sweep_lambda(config: dict) -> dict:
-    """Choose λ on the validation split when no λ study chose one: fit a router for each value of
-    ``router.lambda_grid`` and apply the λ study's rule (fewest mean layers within
+def sweep_lambda(config: dict, warm: WarmStart | None = None) -> dict:
+    """Choose λ (``router.ponder_cost``) on the validation split when no λ study chose one: fit a router
+    for each value of ``router.ponder_cost_grid`` and apply the λ study's rule (fewest mean layers within
     ``tuning.lambda.accuracy_tolerance`` of the best accuracy). Cheap with a frozen encoder.
 
-    Out: {grid, rows: [{lambda_, val_accuracy, val_mean_layers, ...}], chosen, rule}.
+    Out: {grid, rows: [{ponder_cost, val_accuracy, val_mean_layers, ...}], chosen, rule}.
     """
     from moegate.studies import choose_lambda, pareto_front
 
     rows = []
-    for i, value in enumerate(config["router"]["lambda_grid"]):
+    for i, value in enumerate(config["router"]["ponder_cost_grid"]):
         trial = copy.deepcopy(config)
-        trial["router"]["lambda_"] = float(value)
-        result = fit(trial)
-        rows.append({"trial": i, "lambda_": float(value),
+        trial["router"]["ponder_cost"] = float(value)
+        result = fit(trial, warm=warm)
+        rows.append({"trial": i, "ponder_cost": float(value),
                      **{k: result[k] for k in ("val_accuracy", "val_mean_layers", "val_accuracy_full_depth",
                                               "val_nll")}})
         log.info("λ sweep: λ=%g → val accuracy %.4f, %.2f layers", value, result["val_accuracy"],
@@ -336,22 +381,36 @@ def sweep_lambda(config: dict) -> dict:
     front = pareto_front([(r["val_accuracy"], r["val_mean_layers"]) for r in rows])
     for i, r in enumerate(rows):
         r["pareto"] = i in front
-    return {"grid": list(config["router"]["lambda_grid"]), "rows": rows, "chosen": chosen,
+    return {"grid": list(config["router"]["ponder_cost_grid"]), "rows": rows, "chosen": chosen,
             "accuracy_tolerance": tolerance,
             "rule": "fewest val_mean_layers among values within accuracy_tolerance of the best val_accuracy"}
 
 
 def train_router(config: dict) -> dict:
-    """The rule: overlay every tuned study (or sweep λ on val), train with a resumable checkpoint, write ``router/``."""
+    """The rule: overlay every tuned study (or sweep λ on val), warm-start from the previous router when
+    the expert set changed (:func:`moegate.warm_start.choose`), train with a resumable checkpoint, write
+    ``router/`` and keep a snapshot of it for the next warm start."""
     layout = Layout.from_config(config)
     config, used = apply_tuned(config, TUNED_STUDIES)
     if used:
         log.info("router: tuned values %s", {s: t.get("params") for s, t in used.items()})
+    warm, warm_record = choose(config, read_labels(layout))
+    log.info("router: %s", f"warm start from {warm.path}" if warm else f"from nothing ({warm_record['why']})")
     extra = None
-    if not used.get("lambda", {}).get("params") and config["router"]["lambda_grid"]:
-        sweep = sweep_lambda(config)  # λ is never a blind default: with no λ study, a sweep on val picks it
-        config["router"]["lambda_"] = sweep["chosen"]["lambda_"]
+    keep_previous = (warm is not None and warm.ponder_cost is not None
+                     and not config["tuning"]["rerun_on_dataset_change"])
+    if not used.get("lambda", {}).get("params") and keep_previous:
+        # the sweep is λ's tuning: like the studies, it reruns on a new expert set only when asked to
+        config["router"]["ponder_cost"] = float(warm.ponder_cost)
+        extra = {"ponder_cost_from": "previous router (tuning.rerun_on_dataset_change is false)"}
+        log.info("router: λ=%g from the previous router", warm.ponder_cost)
+    elif not used.get("lambda", {}).get("params") and config["router"]["ponder_cost_grid"]:
+        sweep = sweep_lambda(config, warm)  # λ is never a blind default: with no λ study, a sweep on val picks it
+        config["router"]["ponder_cost"] = sweep["chosen"]["ponder_cost"]
         extra = {"lambda_sweep": sweep}
-        log.info("router: λ sweep chose λ=%g (val accuracy %.4f, %.2f layers)", sweep["chosen"]["lambda_"],
+        log.info("router: λ sweep chose λ=%g (val accuracy %.4f, %.2f layers)", sweep["chosen"]["ponder_cost"],
                  sweep["chosen"]["val_accuracy"], sweep["chosen"]["val_mean_layers"])
-    return fit(config, out_dir=layout.router, checkpoint_dir=layout.checkpoints / "router", tuned=used, extra=extra)
+    summary = fit(config, out_dir=layout.router, checkpoint_dir=layout.checkpoints / "router", tuned=used,
+                  extra=extra, warm=warm, warm_record=warm_record)
+    snapshot(layout.router, layout.previous_router)
+    return summary

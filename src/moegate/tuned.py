@@ -1,7 +1,9 @@
 """Overlay tuned values onto a config: how a stage reads what the studies before it chose.
 
 ``tuning/{study}.json`` holds ``{"study": ..., "params": {"dotted.config.key": value, ...}, ...}``.
-A study run with ``n_trials: 0`` writes empty params, so the config's own values stand.
+A study run with ``n_trials: 0`` writes empty params, so the config's own values stand. A param under
+a renamed key (``router.lambda_``, before ``router.ponder_cost``) is applied under its new name, with a
+FutureWarning (:func:`moegate.config.current_key`).
 """
 
 from __future__ import annotations
@@ -9,18 +11,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from moegate.config import ConfigError, current_key, set_dotted
 from moegate.io import read_json
 from moegate.layout import Layout
-
-
-def set_dotted(config: dict, dotted: str, value) -> None:
-    node = config
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        if key not in node or not isinstance(node[key], dict):
-            raise KeyError(f"tuned parameter {dotted!r}: config has no section {key!r}")
-        node = node[key]
-    node[leaf] = value
 
 
 def apply_tuned(config: dict, studies: tuple[str, ...], layout: Layout | None = None) -> tuple[dict, dict]:
@@ -34,6 +27,9 @@ def apply_tuned(config: dict, studies: tuple[str, ...], layout: Layout | None = 
             continue
         tuned = read_json(path)
         for key, value in tuned.get("params", {}).items():
-            set_dotted(out, key, value)
+            try:
+                set_dotted(out, current_key(key, f"{path}: params"), value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: params: {e}") from None
         used[study] = tuned
     return out, used
