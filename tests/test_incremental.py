@@ -224,7 +224,8 @@ def _workflow_config(workdir: Path, tiny_model: Path, experts: list[str], **sect
         "synthesize": {"questions_per_context": 3, "context_tokens": 120},
         "dataset": {"max_length": 24, "val_fraction": 0.2, "test_fraction": 0.2},
         "backbone": {"model": tiny, "epochs": 1, "batch_size": 16},
-        "router": {"head": {"classifier": "prototypes", "pooling": "mean", "prototypes": 4, "prototype_top_k": 2},
+        "router": {"head": {"classifier": "prototypes", "pooling": "mean", "prototypes": 4, "prototype_top_k": 2,
+                            "last_layer": "kb"},  # the shipped head
                    "probe": {"epochs": 2},
                    "ponder_cost_grid": [0.0, 0.01]},
         "evaluate": {"off_topic_questions": []},

@@ -132,15 +132,12 @@ def build_index(config: dict, labels: list[str], layout: Layout | None = None, c
             v = np.stack(kb["embedding"].to_numpy()).astype(np.float32)
             reused = len(kb)
         else:
-            def compute(texts: list[str], expert=expert, chunks=len(kb), kind=report.get("kind")) -> np.ndarray:
-                log.info("retrieval index: embedding %d of %s's %d chunks with %s (the KB's vectors come from %s)",
-                         len(texts), expert, chunks, enc["model"], kind or "an unknown encoder")
-                return embed(texts, enc["model"], batch_size=enc["batch_size"], max_length=enc["max_length"],
-                             device_setting=config["device"])
-
-            v, reused = rowcache.embed_with_cache(kb["text"].astype(str).tolist(),
-                                                  layout.kb_vectors_cache(expert) if cache else None, identity,
-                                                  compute)
+            log.info("retrieval index: %s's %d chunks in %s's space (the KB's vectors come from %s); embedding "
+                     "those not cached", expert, len(kb), enc["model"], report.get("kind", "an unknown encoder"))
+            v, reused = rowcache.embed_with_cache(
+                kb["text"].astype(str).tolist(), layout.kb_vectors_cache(expert) if cache else None, identity,
+                lambda texts: embed(texts, enc["model"], batch_size=enc["batch_size"], max_length=enc["max_length"],
+                                    device_setting=config["device"]))
         if stats is not None:
             stats[expert] = {"chunks": len(kb), "reused": int(reused)}
         v = v / np.clip(np.linalg.norm(v, axis=1, keepdims=True), 1e-9, None)
