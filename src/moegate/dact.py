@@ -55,7 +55,8 @@ POOLINGS = ("cls", "mean")
 CLASSIFIERS = ("mlp", "prototypes")
 # the last unit: trained like the others, or kb = the KB index's own geometry (fixed k-means prototypes of
 # every KB chunk's embedding, read without projection or centring): retrieval routing's space, whose
-# nearest-prototype score beat both retrieval routing and every trained head on real questions
+# nearest-prototype score beat retrieval routing and every trained head on the OpenStax dev questions
+# (0.840 untrained vs 0.827 retrieval, 0.76-0.83 trained on the synthetic questions)
 LAST_LAYERS = ("trained", "kb")
 PROTOTYPE_SCALE_INIT = 20.0  # logit = scale × cosine: a cosine gap of 0.05 starts as e^1 odds
 
