@@ -351,11 +351,11 @@ def test_kb_last_layer_takes_the_kb_index_and_training_leaves_it(tiny_run):
     with pytest.raises(ConfigError, match="backbone.model"):
         train_router(config)
     index = _with_kb_index(config)
-    lpft = {**config, "router": {**config["router"], "encoder_mode": "lpft"}}
-    with pytest.raises(ConfigError, match="encoder_mode: frozen"):
-        from moegate.train_router import fit
+    from moegate.train_router import fit
 
-        fit(lpft)
+    for mode in ("lpft", "finetune"):  # a fine-tuned encoder would leave the KB prototypes in another space
+        with pytest.raises(ConfigError, match="encoder_mode: frozen"):
+            fit({**config, "router": {**config["router"], "encoder_mode": mode}})
     summary = train_router(config)
     layout = Layout.from_config(config)
     saved = load_file(str(layout.router / "model.safetensors"))

@@ -200,9 +200,6 @@ def init_kb_last_layer(config: dict, layout: Layout, model: DactRouterModel, lab
     from moegate.config import ConfigError
     from moegate.retrieval import KBIndex
 
-    if config["router"]["encoder_mode"] != "frozen":
-        raise ConfigError(f"router.head.last_layer: kb keeps the pretrained encoder's geometry, so it needs "
-                          f"router.encoder_mode: frozen (got {config['router']['encoder_mode']!r})")
     path = layout.kb_index
     if not path.is_file():
         raise ConfigError(f"router.head.last_layer: kb needs {path}, the KB index the dataset stage builds from the "
@@ -256,6 +253,11 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
     teacher_weight = float(section["teacher_weight"])
     labels = read_labels(layout)
     device = pick_device(config["device"])
+    if section["head"].get("last_layer") == "kb" and mode != "frozen":  # before any work, for every mode
+        from moegate.config import ConfigError
+
+        raise ConfigError(f"router.head.last_layer: kb keeps the pretrained encoder's geometry, so it needs "
+                          f"router.encoder_mode: frozen (got {mode!r})")
     model, source = build_model(config, labels)
     vocab = model.encoder.config.vocab_size
     carried = carry_over(model, warm, labels) if warm is not None else None
