@@ -47,6 +47,16 @@ def test_overlap_must_be_below_chunk(tmp_path):
         load(path)
 
 
+def test_no_labels_needs_the_teacher(tmp_path):
+    path = write_config(tmp_path, router={"label_weight": 0, "teacher_weight": 0})
+    with pytest.raises(ConfigError, match="label_weight is 0"):
+        load(path)
+    path = write_config(tmp_path, router={"label_weight": 0}, dataset={"teacher": {"enabled": False}})
+    with pytest.raises(ConfigError, match="dataset.teacher.enabled"):
+        load(path)
+    assert load(write_config(tmp_path, router={"label_weight": 0}))["router"]["teacher_weight"] > 0
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load(tmp_path / "nope.yaml")

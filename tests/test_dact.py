@@ -8,6 +8,7 @@ that and nothing else, and check such ties stay rare.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -642,12 +643,29 @@ def test_teacher_term_is_the_kl_to_the_answer_and_every_exit():
     torch.testing.assert_close(total - base, 2.0 * expected)
 
 
+def test_label_weight_zero_learns_from_the_teacher_and_the_ponder_cost_alone():
+    model = prototype_model(seed=1)
+    gen = torch.Generator().manual_seed(3)
+    ids, mask = batch([4, 6, 8, 5], gen)
+    labels = torch.tensor([0, 1, 2, 0])
+    teacher = torch.softmax(torch.randn(4, 3, generator=gen), -1)
+    out = model(ids, mask)
+    labels_only, nll, ponder = model.loss(out, labels, 0.1, layer_loss_weight=0.5)
+    teacher_only, nll0, _ = model.loss(out, labels, 0.1, layer_loss_weight=0.5, teacher=teacher,
+                                       teacher_weight=2.0, label_weight=0.0)
+    both, _, _ = model.loss(out, labels, 0.1, layer_loss_weight=0.5, teacher=teacher, teacher_weight=2.0)
+    torch.testing.assert_close(nll0, nll)  # still reported: early stopping watches it
+    torch.testing.assert_close(both - teacher_only, labels_only - 0.1 * ponder)
+    half, _, _ = model.loss(out, labels, 0.1, layer_loss_weight=0.5, label_weight=0.5)
+    torch.testing.assert_close(half, 0.5 * (labels_only - 0.1 * ponder) + 0.1 * ponder)
+
+
 # -- router.head.last_layer: kb (the last unit in the KB index's own geometry) ------------------------
-def kb_last_model(seed=0, experts=3, per_expert=4, chunks=40):
+def kb_last_model(seed=0, experts=3, per_expert=4, chunks=40, kb_scale=100.0):
     """A prototype model whose last layer is set from random "KB chunk" vectors; returns (model, vectors, experts)."""
     torch.manual_seed(seed)
     head = HeadConfig(classifier="prototypes", prototypes=per_expert, prototype_top_k=2, width=16, pooling="mean",
-                      last_layer="kb")
+                      last_layer="kb", kb_scale=kb_scale)
     model = DactRouterModel(tiny_encoder("bert", 3), experts, head)
     gen = torch.Generator().manual_seed(seed)
     ids, mask = batch([int(x) for x in torch.randint(2, 12, (30,), generator=gen)], gen)
@@ -707,6 +725,24 @@ def test_training_leaves_the_kb_prototypes_as_they_are_and_the_exit_stays_exact(
     model.eval()
     torch.testing.assert_close(model.classifiers[-1].prototypes, before, rtol=0, atol=0)
     assert not torch.equal(model.classifiers[0].prototypes, earlier)  # the other layers do train
+    assert model.classifiers[-1].log_scale.item() == pytest.approx(math.log(100.0))  # router.head.kb_scale, fixed
     probs, _ = model.early_exit(ids, mask)
     full, _ = model.full_depth(ids, mask)
     assert probs.argmax(-1).tolist() == full.argmax(-1).tolist()
+
+
+def test_kb_scale_null_leaves_the_kb_layers_scale_to_training():
+    from moegate.training import parameter_groups
+
+    with pytest.raises(ValueError, match="kb_scale"):
+        HeadConfig(classifier="prototypes", last_layer="kb", kb_scale=0)
+    model, _, _ = kb_last_model(seed=2, kb_scale=None)
+    scale = model.classifiers[-1].log_scale.detach().clone()
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01, 0.1), lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    ids, mask = batch([4, 7, 9, 3, 6, 5], gen)
+    model.train()
+    total, _, _ = model.loss(model(ids, mask), torch.tensor([0, 1, 2, 0, 1, 2]), 0.01, layer_loss_weight=1.0)
+    total.backward()
+    optimizer.step()
+    assert not torch.equal(model.classifiers[-1].log_scale.detach(), scale)

@@ -188,6 +188,10 @@ def validate(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
     ds = cfg["dataset"]
     if ds["val_fraction"] + ds["test_fraction"] >= 0.9:
         raise ConfigError(f"{source}: dataset.val_fraction + dataset.test_fraction must leave a training split")
+    router = cfg["router"]
+    if not router["label_weight"] and not (router["teacher_weight"] and ds["teacher"]["enabled"]):
+        raise ConfigError(f"{source}: router.label_weight is 0, so the router learns from the retrieval teacher "
+                          f"alone: it needs router.teacher_weight > 0 and dataset.teacher.enabled")
     return cfg
 
 

@@ -102,6 +102,7 @@ class HeadConfig:
     prototypes: int = _HEAD["prototypes"]  # per expert and layer (classifier = prototypes): a course is many topics
     prototype_top_k: int = _HEAD["prototype_top_k"]  # an expert's score: mean of its top-k prototype cosines
     last_layer: str = _HEAD["last_layer"]  # trained | kb: the last unit keeps the encoder's geometry (see _unit)
+    kb_scale: float | None = _HEAD["kb_scale"]  # kb: its fixed logit scale (× mean top-k cosine); None = learned
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -118,6 +119,8 @@ class HeadConfig:
             raise ValueError(f"router.head.last_layer: expected one of {list(LAST_LAYERS)}, got {self.last_layer!r}")
         if self.last_layer == "kb" and self.classifier != "prototypes":
             raise ValueError("router.head.last_layer: kb needs router.head.classifier: prototypes")
+        if self.kb_scale is not None and not float(self.kb_scale) > 0:
+            raise ValueError(f"router.head.kb_scale: expected a positive number or null, got {self.kb_scale!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"router.head.activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         for key in ("projection_dim", "width"):
@@ -302,7 +305,14 @@ class DactRouterModel(nn.Module):
             # the halting head also sees how sure y_n is (top probability, margin to the runner-up)
             self.halting = nn.ModuleList(_Head(hidden + 2, 1, head) for _ in range(n))
             if head.last_layer == "kb":  # set by init_kb_prototypes, then left as they are
-                self.classifiers[-1].prototypes.requires_grad_(False)
+                last = self.classifiers[-1]
+                last.prototypes.requires_grad_(False)
+                if head.kb_scale is not None:
+                    # Fixed and sharp: the KB's cosines differ between courses by a few hundredths, and a
+                    # scale learned on synthetic questions (which the kb layer fits less well than the
+                    # trained layers) flattens y_N until the early layers outvote it in a_N.
+                    last.log_scale.data.fill_(math.log(float(head.kb_scale)))
+                    last.log_scale.requires_grad_(False)
         else:
             self.projection = nn.Sequential(
                 nn.Linear(hidden, head.projection_dim), ACTIVATIONS[head.activation](), nn.Dropout(head.dropout)
@@ -459,21 +469,21 @@ class DactRouterModel(nn.Module):
 
     @staticmethod
     def loss(out: DactOutput, labels: torch.Tensor, ponder_cost: float, layer_loss_weight: float = 0.0,
-             teacher: torch.Tensor | None = None, teacher_weight: float = 0.0):
+             teacher: torch.Tensor | None = None, teacher_weight: float = 0.0, label_weight: float = 1.0):
         """(total, nll, ponder): NLL(log a_N) and Σ_n p_n, each a mean over the batch's rows.
 
-        total = nll + λ·ponder + β·mean_n NLL(log y_n) with λ = ``ponder_cost`` and β = ``layer_loss_weight``
-        (0 = plain DACT), plus, with a ``teacher`` distribution (B, K), w·[KL(teacher ‖ a_N) +
-        β·mean_n KL(teacher ‖ y_n)] with w = ``teacher_weight``: the retrieval teacher distilled into the
-        answer and every exit.
+        total = v·[nll + β·mean_n NLL(log y_n)] + λ·ponder with v = ``label_weight``, λ = ``ponder_cost`` and
+        β = ``layer_loss_weight`` (0 = plain DACT), plus, with a ``teacher`` distribution (B, K),
+        w·[KL(teacher ‖ a_N) + β·mean_n KL(teacher ‖ y_n)] with w = ``teacher_weight``: the retrieval
+        teacher distilled into the answer and every exit. v = 0 learns from the teacher alone.
         """
         nll = F.nll_loss(out.log_a, labels)
         ponder = out.p.sum(0).mean()
-        total = nll + float(ponder_cost) * ponder
+        total = float(label_weight) * nll + float(ponder_cost) * ponder
         n_layers, _, k = out.log_y.shape
-        if layer_loss_weight:
+        if layer_loss_weight and label_weight:
             per_layer = F.nll_loss(out.log_y.reshape(-1, k), labels.repeat(n_layers))  # mean over (n, row)
-            total = total + float(layer_loss_weight) * per_layer
+            total = total + float(label_weight) * float(layer_loss_weight) * per_layer
         if teacher is not None and teacher_weight:
             teacher = teacher.float()
             kl = F.kl_div(out.log_a, teacher, reduction="batchmean")

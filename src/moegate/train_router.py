@@ -251,6 +251,7 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
     ponder_cost = float(section["ponder_cost"])
     layer_weight = float(section["layer_loss_weight"])
     teacher_weight = float(section["teacher_weight"])
+    label_weight = float(section["label_weight"])
     labels = read_labels(layout)
     device = pick_device(config["device"])
     if section["head"].get("last_layer") == "kb" and mode != "frozen":  # before any work, for every mode
@@ -264,7 +265,8 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
 
     def loss_of(m: DactRouterModel, out, batch: dict) -> torch.Tensor:
         total, _, _ = m.loss(out, batch["labels"], ponder_cost, layer_loss_weight=layer_weight,
-                             teacher=batch.get("teacher"), teacher_weight=teacher_weight)
+                             teacher=batch.get("teacher"), teacher_weight=teacher_weight,
+                             label_weight=label_weight)
         return total
 
     hook = trial_reporter(trial, "val_accuracy") if trial is not None else None

@@ -134,10 +134,14 @@ def carry_over(model: DactRouterModel, warm: WarmStart, labels: list[str]) -> di
     if missing or unexpected:
         raise ValueError(f"warm start from {warm.path}: its weights do not fit this router (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
+    # a weight the config fixes (router.head.kb_scale) is this config's, not the previous router's
+    fixed = {name for name, p in model.named_parameters() if not p.requires_grad and name not in rows}
     merged = {}
     for key, value in target.items():
         old = warm.state[key]
-        if key in rows:
+        if key in fixed:
+            merged[key] = value
+        elif key in rows:
             m = rows[key]
             new = value.clone()
             for j, expert in enumerate(labels):
