@@ -147,6 +147,15 @@ def test_the_schema_knows_only_the_new_names():
     assert not {"lambda_", "lambda_grid"} & set(router["properties"])
 
 
+def test_a_removed_key_is_dropped_with_a_warning_and_the_schema_refuses_it_otherwise(tmp_path):
+    slurm = {"partition": "gpu", "time_min": 20}  # tuning.slurm: the resources of the gone `moegate tune launch`
+    with pytest.warns(FutureWarning, match=r"tuning\.slurm is no longer read and was ignored \(moegate tune launch"):
+        config = load(write_config(tmp_path, tuning={"slurm": slurm}))
+    assert "slurm" not in config["tuning"]
+    tuning = yaml.safe_load((REPO / "src" / "moegate" / "config.schema.yaml").read_text())["properties"]["tuning"]
+    assert "slurm" not in tuning["properties"] and tuning["additionalProperties"] is False
+
+
 def test_a_tuned_json_with_the_old_key_is_applied_under_the_new(tmp_path):
     from moegate.io import write_json
     from moegate.layout import Layout

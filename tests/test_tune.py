@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import REPO, service_unavailable, write_config
+from conftest import REPO, write_config
 from optuna.trial import TrialState
 
 from moegate.config import ConfigError, load
@@ -34,7 +34,6 @@ from moegate.tune import (
     budget_counts,
     collect,
     create,
-    launch,
     make_sampler,
     sampler_seed,
     suggest,
@@ -425,17 +424,7 @@ def test_postgres_worker_killed_mid_trial_then_rerun_ends_exact_with_nothing_run
     assert postgres.password not in out
 
 
-# -- launch and the real objective --------------------------------------------------------------------
-
-def test_launch_local_runs_worker_processes_and_collects(tmp_path):
-    config = load(write_config(tmp_path, tuning={"training": {"n_trials": 0}}))
-    out = launch(config, "training", workers=2, launcher="local")
-    assert out["params"] == {} and out["launch"]["workers"] == 2
-    assert [j["returncode"] for j in out["launch"]["jobs"]] == [0, 0]
-    assert json.loads((tmp_path / "results" / "tuning" / "training.json").read_text())["launch"]["launcher"] == "local"
-    with pytest.raises(ValueError, match="--launcher must be slurm or local"):
-        launch(config, "training", workers=1, launcher="ssh")
-
+# -- the real objective ---------------------------------------------------------------------------------
 
 def test_backbone_study_with_the_real_objective_on_a_tiny_model(tiny_run, caplog):
     caplog.set_level(logging.INFO, logger="moegate.tune")
@@ -463,34 +452,6 @@ def test_lambda_study_with_the_real_router_objective_on_a_tiny_model(tiny_run):
     assert {"val_accuracy_full_depth", "val_nll"} <= set(out["chosen"])
     csv = (Path(config["results"]) / "tuning" / "lambda_pareto.csv").read_text().splitlines()
     assert len(csv) == 3
-
-
-@pytest.mark.slow
-@pytest.mark.slurm
-def test_launch_on_slurm_runs_the_workers_as_a_job_array(tiny_run, tmp_path_factory, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent / "services"))
-    from slurm import ACCOUNT, SlurmCluster, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        service_unavailable(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    try:
-        for key in ("SLURM_CONF", "PATH"):
-            monkeypatch.setenv(key, cluster.env[key])
-        config = tiny_run
-        config["tuning"]["slurm"].update(partition="gpu", account=ACCOUNT, gpus=1, time_min=10, mem_gb=2, cpus=1)
-        config["tuning"]["backbone"].update(n_trials=2, search_space={
-            "backbone.learning_rate": {"type": "float", "low": 5.0e-4, "high": 2.0e-3, "log": True}})
-        out = launch(config, "backbone", workers=2, launcher="slurm")
-        assert out["n_complete"] == 2 and out["launch"]["launcher"] == "slurm"
-        jobs = out["launch"]["jobs"]
-        assert [j["returned"] for j in jobs] == [True, True]
-        assert len({j["job_id"].split("_")[0] for j in jobs}) == 1  # one array
-        slurm_jobs = {t["worker"]["slurm_job_id"] for t in out["trials"]}
-        assert slurm_jobs <= {j["job_id"] for j in jobs} and None not in slurm_jobs
-    finally:
-        cluster.stop()
 
 
 # -- the registry of studies and the command line ----------------------------------------------------
@@ -541,7 +502,7 @@ def test_cli_version_help_and_one_line_errors(tmp_path):
         undocumented = [p.name for p in command.params if p.name != "help" and not getattr(p, "help", None)]
         assert not undocumented, f"{' '.join(path)}: options without help: {undocumented}"
         assert runner.invoke(app, [*path[1:], "--help"]).exit_code == 0, path
-    for action in ("create", "worker", "collect", "launch"):
+    for action in ("create", "worker", "collect"):
         assert "backbone, submodels, training, lambda" in runner.invoke(app, ["tune", action, "--help"]).output
     config = write_config(tmp_path)
     for argv, message in ((["tune", "worker", "nonsense"], "error: unknown study 'nonsense'; expected one of"),

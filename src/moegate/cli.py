@@ -182,19 +182,6 @@ def tune_collect(study: str = _study_argument(), config: Path = ConfigOpt) -> No
     tuning.collect(_config(config), study)
 
 
-@tune_app.command("launch")
-def tune_launch(
-    study: str = _study_argument(),
-    config: Path = ConfigOpt,
-    workers: Optional[int] = typer.Option(None, min=1, help="how many workers to run (default tuning.workers)"),
-    launcher: str = typer.Option("slurm", help="slurm (a submitit job array) | local (processes on this machine)"),
-) -> None:
-    """Create the study, run N workers, wait, and collect: a study by hand, outside Snakemake."""
-    from moegate import tune as tuning
-
-    tuning.launch(_config(config), study, workers=workers, launcher=launcher, config_path=config)
-
-
 @app.command("train-router")
 def train_router(config: Path = ConfigOpt) -> None:
     """Train the DACT router from the fine-tuned backbone and the tuned values."""

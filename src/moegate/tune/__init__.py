@@ -13,11 +13,8 @@ One module per step, in the order a study runs (the rules tune_create → tune_w
 - :mod:`moegate.tune.workers`: :func:`worker`, the ask-and-tell loop N processes run on the shared study,
   and the exact budget (admission check) they keep.
 - :mod:`moegate.tune.results`: :func:`collect` the finished study into ``tuning/{study}.json``.
-- :mod:`moegate.tune.launchers`: :func:`launch` N workers outside Snakemake (local processes or a Slurm
-  array via submitit), then collect.
 """
 
-from moegate.tune.launchers import launch
 from moegate.tune.results import NOTE_NO_TRIALS, collect
 from moegate.tune.study import (
     SPEC_KEY,
@@ -42,6 +39,6 @@ from moegate.tune.workers import (
 
 __all__ = [
     "ERROR_KEY", "NOTE_NO_TRIALS", "OBJECTIVES", "RELEASED_KEY", "SPEC_KEY", "Objective", "StudySpec",
-    "admitted", "budget_counts", "collect", "create", "launch", "load_study", "make_pruner", "make_sampler",
+    "admitted", "budget_counts", "collect", "create", "load_study", "make_pruner", "make_sampler",
     "sampler_seed", "suggest", "with_params", "worker",
 ]
