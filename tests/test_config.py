@@ -92,8 +92,8 @@ def test_settings_classes_take_their_defaults_from_the_schema():
     from dataclasses import asdict
 
     from moegate.config import defaults
-    from moegate.dact import HeadConfig
     from moegate.llm import OpenAISettings
+    from moegate.models.dact import HeadConfig
     from moegate.training import LoopSettings
 
     assert HeadConfig().to_dict() == defaults("router.head")

@@ -1,4 +1,5 @@
-"""moegate.tune: shared studies, the exact budget across workers, kills and reruns, collect and the λ rule.
+"""moegate.stages.tune: shared studies, the exact budget across workers, kills and reruns, collect and the
+λ rule.
 
 Worker processes run this file as a script with a cheap sleep-based objective (no model training);
 one test at the end runs the real backbone objective on a tiny model.
@@ -25,9 +26,7 @@ from optuna.trial import TrialState
 
 from moegate.config import ConfigError, load
 from moegate.errors import MoegateError
-from moegate.storage import OWNER_KEY, STALE_KEY, open_storage, study_name
-from moegate.studies import choose_lambda, pareto_front
-from moegate.tune import (
+from moegate.stages.tune import (
     RELEASED_KEY,
     StudySpec,
     admitted,
@@ -40,7 +39,9 @@ from moegate.tune import (
     with_params,
     worker,
 )
-from moegate.tune.workers import _Worker
+from moegate.stages.tune.workers import _Worker
+from moegate.storage import OWNER_KEY, STALE_KEY, open_storage, study_name
+from moegate.studies import choose_lambda, pareto_front
 
 SPACE = {
     "backbone.learning_rate": {"type": "float", "low": 1.0e-5, "high": 1.0e-3, "log": True},
@@ -427,7 +428,7 @@ def test_postgres_worker_killed_mid_trial_then_rerun_ends_exact_with_nothing_run
 # -- the real objective ---------------------------------------------------------------------------------
 
 def test_backbone_study_with_the_real_objective_on_a_tiny_model(tiny_run, caplog):
-    caplog.set_level(logging.INFO, logger="moegate.tune")
+    caplog.set_level(logging.INFO, logger="moegate.stages.tune")
     config = tiny_run
     config["tuning"]["backbone"].update(n_trials=2, search_space={
         "backbone.learning_rate": {"type": "float", "low": 5.0e-4, "high": 2.0e-3, "log": True},
@@ -440,7 +441,7 @@ def test_backbone_study_with_the_real_objective_on_a_tiny_model(tiny_run, caplog
 
 
 def test_lambda_study_with_the_real_router_objective_on_a_tiny_model(tiny_run):
-    from moegate.train_backbone import train_backbone
+    from moegate.stages.train_backbone import train_backbone
 
     config = tiny_run
     train_backbone(config)  # the router studies train on the (tuned) backbone
@@ -458,7 +459,7 @@ def test_lambda_study_with_the_real_router_objective_on_a_tiny_model(tiny_run):
 
 def test_the_study_registry_is_a_topological_order_every_reader_shares():
     from moegate import studies
-    from moegate.train_router import TUNED_STUDIES
+    from moegate.stages.train_router import TUNED_STUDIES
 
     assert studies.NAMES == ("backbone", "submodels", "training", "lambda")
     for i, study in enumerate(studies.STUDIES):

@@ -13,9 +13,9 @@ from optuna.trial import FrozenTrial, TrialState
 from moegate import studies
 from moegate.io import atomic_path, save_figure, write_json
 from moegate.layout import Layout
+from moegate.stages.tune.study import StudySpec
+from moegate.stages.tune.workers import ERROR_KEY, RELEASED_KEY
 from moegate.storage import OWNER_KEY, STALE_KEY, describe, open_storage, study_name
-from moegate.tune.study import StudySpec
-from moegate.tune.workers import ERROR_KEY, RELEASED_KEY
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,15 @@ storage of :mod:`moegate.storage` (journal file or RDB), which also fails and re
 
 One module per step, in the order a study runs (the rules tune_create → tune_worker → tune_collect):
 
-- :mod:`moegate.tune.study`: what a study is (:class:`StudySpec`), its search space, sampler and pruner;
-  :func:`create` it in the storage once.
-- :mod:`moegate.tune.workers`: :func:`worker`, the ask-and-tell loop N processes run on the shared study,
-  and the exact budget (admission check) they keep.
-- :mod:`moegate.tune.results`: :func:`collect` the finished study into ``tuning/{study}.json``.
+- :mod:`moegate.stages.tune.study`: what a study is (:class:`StudySpec`), its search space, sampler and
+  pruner; :func:`create` it in the storage once.
+- :mod:`moegate.stages.tune.workers`: :func:`worker`, the ask-and-tell loop N processes run on the
+  shared study, and the exact budget (admission check) they keep.
+- :mod:`moegate.stages.tune.results`: :func:`collect` the finished study into ``tuning/{study}.json``.
 """
 
-from moegate.tune.results import NOTE_NO_TRIALS, collect
-from moegate.tune.study import (
+from moegate.stages.tune.results import NOTE_NO_TRIALS, collect
+from moegate.stages.tune.study import (
     SPEC_KEY,
     StudySpec,
     create,
@@ -27,7 +27,7 @@ from moegate.tune.study import (
     suggest,
     with_params,
 )
-from moegate.tune.workers import (
+from moegate.stages.tune.workers import (
     ERROR_KEY,
     OBJECTIVES,
     RELEASED_KEY,
