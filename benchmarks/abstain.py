@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from moegate.abstain import abstain_rate, auroc, kb_index_from_states, kb_similarity, threshold_for_rate
-from moegate.dact import exit_from_output
+from moegate.models.dact import exit_from_output
 from moegate.router import Router
 
 BATCH = 64

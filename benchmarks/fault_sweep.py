@@ -376,7 +376,7 @@ def study_check(workdir: Path, budgets: dict[str, int]) -> dict:
 
 # -- the results compared with the reference ------------------------------------------------------------
 VOLATILE = ("seconds", "wall", "resumed_from", "device", "threads", "duration", "datetime", "path", "storage",
-            "launch", "released", "states", "trials", "retry_of", "worker")  # parts of a key
+            "released", "states", "trials", "retry_of", "worker")  # parts of a key
 TRIAL_NUMBERS = ("trial", "number", "best_trial")  # whole keys: a re-run trial gets a new number
 
 

@@ -25,11 +25,11 @@ import pandas as pd
 import torch
 
 from moegate.config import load
-from moegate.evaluate import layer_accuracies
 from moegate.io import read_json
 from moegate.layout import Layout
 from moegate.router import Router
-from moegate.train_router import TUNED_STUDIES, fit
+from moegate.stages.evaluate import layer_accuracies
+from moegate.stages.train_router import TUNED_STUDIES, fit
 from moegate.training import load_tokens
 from moegate.tuned import apply_tuned
 

@@ -62,7 +62,7 @@ class BackboneMethod(Method):
     name = "backbone classifier"
 
     def __init__(self, path: Path, max_length: int):
-        from moegate.backbone import load_backbone_classifier
+        from moegate.models.backbone import load_backbone_classifier
 
         self.encoder, self.head, self.tokenizer, self.labels = load_backbone_classifier(path)
         self.encoder.eval().cpu()

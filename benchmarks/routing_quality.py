@@ -29,7 +29,7 @@ was built with a variant's dataset settings and already holds what a recipe need
   llm_questions      frozen    prototypes  llm_windows_teacher  1   (only with --llm-results)
 
 λ: frozen recipes sweep ``--ponder-cost-grid`` (default router.ponder_cost_grid) with
-:func:`moegate.train_router.sweep_lambda` (the λ study's rule on val), then fit once at the chosen λ
+:func:`moegate.stages.train_router.sweep_lambda` (the λ study's rule on val), then fit once at the chosen λ
 into ``<results>/bench/routers/<recipe>/``. finetune and lpft train on tokens (slow on a CPU), so they
 use the config's ``router.ponder_cost`` unless ``--sweep-all``. Tuned values (``tuning/*.json``) are not
 overlaid: every recipe runs the config's settings plus its own overrides plus ``--set``.
@@ -72,9 +72,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from router_speed import Method, RouterMethod, TfidfMethod, latency_ms
 
 from moegate.config import load, validate
-from moegate.evaluate import mcnemar_exact, read_real_questions
 from moegate.io import read_json, write_json
 from moegate.layout import Layout
+from moegate.stages.evaluate import mcnemar_exact, read_real_questions
 
 log = logging.getLogger("routing_quality")
 
@@ -244,7 +244,7 @@ def prepare_variant(args, main: Layout, variant: Variant, needs: set[str]) -> Pr
     if layout.dataset_report.is_file() and stamp.is_file() and read_json(stamp) == json.loads(json.dumps(fingerprint)):
         progress(f"variant {variant.name}: reusing {layout.dataset}")
     else:
-        from moegate.dataset import dataset
+        from moegate.stages.dataset import dataset
 
         for stale in (layout.dataset, layout.states, layout.backbone):  # ours: built from the old dataset
             shutil.rmtree(stale, ignore_errors=True)
@@ -258,7 +258,7 @@ def prepare_variant(args, main: Layout, variant: Variant, needs: set[str]) -> Pr
         if has_states(layout, cfg):
             progress(f"variant {variant.name}: reusing {layout.states}")
         else:
-            from moegate.states import states
+            from moegate.stages.states import states
 
             progress(f"variant {variant.name}: states stage into {layout.states}")
             t0 = time.perf_counter()
@@ -268,7 +268,7 @@ def prepare_variant(args, main: Layout, variant: Variant, needs: set[str]) -> Pr
         if has_backbone(layout, cfg):
             progress(f"variant {variant.name}: reusing {layout.backbone}")
         else:
-            from moegate.train_backbone import train_backbone
+            from moegate.stages.train_backbone import train_backbone
 
             progress(f"variant {variant.name}: train_backbone into {layout.backbone} (slow on a CPU)")
             t0 = time.perf_counter()
@@ -299,7 +299,7 @@ def recipe_config(args, recipe: Recipe, prepared: Prepared) -> dict:
 
 def train_recipe(args, recipe: Recipe, prepared: Prepared, out_dir: Path) -> Trained:
     """λ from the sweep (frozen; every recipe with --sweep-all) or the config, then one fit into out_dir."""
-    from moegate.train_router import fit, sweep_lambda
+    from moegate.stages.train_router import fit, sweep_lambda
 
     cfg = recipe_config(args, recipe, prepared)
     grid = args.ponder_cost_grid

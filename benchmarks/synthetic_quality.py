@@ -37,9 +37,9 @@ import pandas as pd
 import yaml
 
 from moegate.config import validate
-from moegate.dataset import normalise
 from moegate.io import read_json, write_json, write_text
 from moegate.layout import Layout
+from moegate.stages.dataset import normalise
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "workflow" / "configs" / "openstax.yaml"

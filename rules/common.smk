@@ -48,7 +48,7 @@ def expert_source(wildcards):
 
 def ingest_inputs(wildcards):
     """The expert's vector export, or every document its folder holds (so an edited page reruns ingest)."""
-    from moegate.ingest import find_documents
+    from moegate.stages.ingest import find_documents
 
     source = Path(expert_source(wildcards))
     if source.is_dir():

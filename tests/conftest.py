@@ -130,11 +130,12 @@ def tiny_questions(per_expert: int = 24, seed: int = 0) -> list[tuple[str, str]]
 @pytest.fixture
 def tiny_run(tmp_path, tiny_bert_dir) -> dict:
     """A validated config (tiny_bert_dir backbone, CPU, 2 epochs, the finetune router) whose results dir
-    holds a real dataset stage output for 72 labelled questions (moegate.dataset with dataset.labelled_csv)."""
+    holds a real dataset stage output for 72 labelled questions (moegate.stages.dataset with
+    dataset.labelled_csv)."""
     import csv
 
     from moegate.config import load
-    from moegate.dataset import dataset
+    from moegate.stages.dataset import dataset
 
     questions = tmp_path / "questions.csv"
     with questions.open("w", newline="") as f:

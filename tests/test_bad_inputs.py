@@ -33,10 +33,10 @@ from typer.testing import CliRunner
 
 from moegate.cli import app
 from moegate.config import ConfigError, load
-from moegate.dataset import DatasetError, dataset
 from moegate.errors import MoegateError
-from moegate.ingest import IngestError, ingest
 from moegate.layout import Layout
+from moegate.stages.dataset import DatasetError, dataset
+from moegate.stages.ingest import IngestError, ingest
 
 SECRET = "sk-bad-inputs-c4n4ry-0f9e8d7c6b5a"
 SKIPPED = "skipped"
@@ -213,7 +213,7 @@ def router_copy(tmp: Path, fixture) -> Path:
     if "saved" not in _ROUTERS:
         from transformers import AutoModel, AutoTokenizer
 
-        from moegate.dact import DactRouterModel, HeadConfig
+        from moegate.models.dact import DactRouterModel, HeadConfig
         from moegate.router import save_router
 
         backbone = fixture("tiny_bert_dir")

@@ -10,10 +10,10 @@ import pytest
 from conftest import write_config
 from sklearn.decomposition import PCA
 
-from moegate.cluster import ClusterError, attach_noise, cluster, project
 from moegate.config import load
 from moegate.io import write_parquet
 from moegate.layout import Layout
+from moegate.stages.cluster import ClusterError, attach_noise, cluster, project
 
 DIM = 16
 BLOB = 25

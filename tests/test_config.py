@@ -102,8 +102,8 @@ def test_settings_classes_take_their_defaults_from_the_schema():
     from dataclasses import asdict
 
     from moegate.config import defaults
-    from moegate.dact import HeadConfig
     from moegate.llm import OpenAISettings
+    from moegate.models.dact import HeadConfig
     from moegate.training import LoopSettings
 
     assert HeadConfig().to_dict() == defaults("router.head")
@@ -155,6 +155,15 @@ def test_the_schema_knows_only_the_new_names():
     router = yaml.safe_load((REPO / "src" / "moegate" / "config.schema.yaml").read_text())["properties"]["router"]
     assert {"ponder_cost", "ponder_cost_grid"} <= set(router["properties"])
     assert not {"lambda_", "lambda_grid"} & set(router["properties"])
+
+
+def test_a_removed_key_is_dropped_with_a_warning_and_the_schema_refuses_it_otherwise(tmp_path):
+    slurm = {"partition": "gpu", "time_min": 20}  # tuning.slurm: the resources of the gone `moegate tune launch`
+    with pytest.warns(FutureWarning, match=r"tuning\.slurm is no longer read and was ignored \(moegate tune launch"):
+        config = load(write_config(tmp_path, tuning={"slurm": slurm}))
+    assert "slurm" not in config["tuning"]
+    tuning = yaml.safe_load((REPO / "src" / "moegate" / "config.schema.yaml").read_text())["properties"]["tuning"]
+    assert "slurm" not in tuning["properties"] and tuning["additionalProperties"] is False
 
 
 def test_a_tuned_json_with_the_old_key_is_applied_under_the_new(tmp_path):

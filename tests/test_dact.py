@@ -31,7 +31,7 @@ from transformers import (
     RobertaModel,
 )
 
-from moegate.dact import (
+from moegate.models.dact import (
     HALTING_BIAS_INIT,
     DactRouterModel,
     HeadConfig,
@@ -97,7 +97,7 @@ def make_model(arch="bert", layers=3, experts=3, seed=0, scale=3.0, halting_bias
 
 def margins(model: DactRouterModel, ids, mask) -> np.ndarray:
     """(B, N) exit margins a_n[c*]·(1−p_n)^d − a_n[c_ru] − d·p_n, written out here in float64 from the
-    all-layer forward pass (independent of moegate.dact.exit_margin)."""
+    all-layer forward pass (independent of moegate.models.dact.exit_margin)."""
     with torch.no_grad():
         out = model(ids, mask)
     a, p = out.a.double().numpy(), out.p.double().numpy()
@@ -330,8 +330,8 @@ def bound_units(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bound_output(rows: list[dict]):
-    """The all-layer DactOutput of :func:`bound_units`, through the recursion moegate.dact runs."""
-    from moegate.dact import DactOutput, dact_step
+    """The all-layer DactOutput of :func:`bound_units`, through the recursion moegate.models.dact runs."""
+    from moegate.models.dact import DactOutput, dact_step
 
     log_y, log_h = bound_units(rows)
     state, log_as, log_ps = None, [], []
@@ -365,7 +365,7 @@ def test_early_exit_is_exact_at_the_bound_and_against_the_worst_continuation():
     """Rows just over the bound leave at layer n and keep their answer though every later layer pushes the
     runner-up; rows just under it (and the rows a weaker rule would let go) stay; every answer is the
     full-depth answer. Checked on the all-layer output (cached states) and in the real layer-by-layer run."""
-    from moegate.dact import exit_from_output
+    from moegate.models.dact import exit_from_output
 
     near, worst = [r for r in bound_rows() if r["offset"] != 0], worst_case_rows()
     rows = near + worst
@@ -608,7 +608,7 @@ def test_prototype_units_keep_early_exit_equal_to_full_depth(seed):
 
 @pytest.mark.parametrize("classifier", ["mlp", "prototypes"])
 def test_cached_states_give_the_same_output_and_exits_as_tokens(classifier):
-    from moegate.dact import exit_from_output
+    from moegate.models.dact import exit_from_output
 
     if classifier == "prototypes":
         model = prototype_model(seed=3, halting_bias=-1.0)

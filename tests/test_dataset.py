@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from moegate.config import load
-from moegate.dataset import (
+from moegate.layout import Layout
+from moegate.stages.dataset import (
     COLUMNS,
     SPLITS,
     DatasetError,
@@ -26,7 +27,6 @@ from moegate.dataset import (
     normalise,
     read_labelled_csv,
 )
-from moegate.layout import Layout
 
 EXPERTS = ["dsci_101", "dsci_dl_510", "dsci_vis_510"]
 TOPICS = {
@@ -410,7 +410,7 @@ def test_cli_runs_the_stage(tmp_path):
 
 # -- the knowledge bases as rows: windows and the retrieval teacher ---------------------------------
 def test_text_windows_cover_the_text():
-    from moegate.dataset import text_windows
+    from moegate.stages.dataset import text_windows
 
     words = [f"w{i}" for i in range(50)]
     windows = text_windows(" ".join(words), 20, 10)
@@ -471,7 +471,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def test_a_failed_dataset_stage_leaves_the_previous_dataset_whole(tmp_path, monkeypatch):
-    import moegate.dataset as stage
+    import moegate.stages.dataset as stage
 
     results = tmp_path / "results"
     for e, n in zip(EXPERTS, (12, 15, 9)):
@@ -510,7 +510,7 @@ def test_a_killed_dataset_stage_leaves_the_previous_dataset_whole(tmp_path):
 
     config = write_config(tmp_path, dataset=off, seed=7)  # other splits
     hold_at_report = """
-import moegate.dataset as stage
+import moegate.stages.dataset as stage
 _write_json = stage.write_json
 def write_json(path, obj):
     if path.name == "report.json":

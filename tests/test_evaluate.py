@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import tiny_questions
 
-from moegate.evaluate import (
+from moegate.layout import Layout
+from moegate.stages.evaluate import (
     ExitMismatchError,
     check_exit_exact,
     classification_metrics,
@@ -19,14 +20,13 @@ from moegate.evaluate import (
     mcnemar_exact,
     read_real_questions,
 )
-from moegate.layout import Layout
-from moegate.train_backbone import train_backbone
-from moegate.train_router import train_router
+from moegate.stages.train_backbone import train_backbone
+from moegate.stages.train_router import train_router
 
 
 def _train(config: dict) -> None:
     """backbone/ and router/ for ``config``, as the workflow builds them before evaluate."""
-    from moegate.states import states
+    from moegate.stages.states import states
 
     train_backbone(config)
     states(config)  # the router's frozen encoder trains its DACT units on this cache
@@ -106,7 +106,7 @@ def test_check_exit_exact_counts_float_ties_apart():
 
 
 def test_evaluate_fails_when_early_exit_and_full_depth_disagree(tiny_run, monkeypatch):
-    from moegate.dact import DactRouterModel
+    from moegate.models.dact import DactRouterModel
 
     layout = Layout.from_config(tiny_run)
     _train(tiny_run)

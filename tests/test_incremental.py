@@ -20,10 +20,10 @@ from test_workflow import job_counts, run_in
 
 from moegate import Router, rowcache
 from moegate.config import load
-from moegate.dataset import SPLITS, dataset
 from moegate.layout import Layout
-from moegate.states import load_states, states
-from moegate.train_router import train_router
+from moegate.stages.dataset import SPLITS, dataset
+from moegate.stages.states import load_states, states
+from moegate.stages.train_router import train_router
 
 # -- rowcache ----------------------------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ def test_adding_an_expert_leaves_the_old_experts_rows_and_embeds_only_the_new_te
 # -- states: the last run's rows are not run through the encoder again -----------------------------------
 def _frozen(config: dict, experts: list[str] | None = None, **router) -> dict:
     """``config`` (tiny_run's) as a frozen prototype router, on ``experts`` (rows of the others dropped)."""
-    from moegate.dataset import dataset as build
+    from moegate.stages.dataset import dataset as build
 
     config = copy.deepcopy(config)
     config["router"].update({"encoder_mode": "frozen", "ponder_cost_grid": [], **router})
@@ -146,7 +146,7 @@ def test_removing_then_adding_an_expert_warm_starts_the_router_by_expert_name(ti
     # remove the middle expert: the others keep their rows of the previous router, nothing of it is left
     two = [three[0], three[2]]
     config2 = _frozen(tiny_run, experts=two)
-    from moegate.train_router import build_model
+    from moegate.stages.train_router import build_model
     from moegate.warm_start import carry_over, choose
 
     warm, record = choose(config2, two)

@@ -18,14 +18,14 @@ from moegate.cli import app
 from moegate.config import load
 from moegate.documents import clean_html, clean_markdown
 from moegate.encoder import embed, resolve_model
-from moegate.ingest import (
+from moegate.layout import Layout
+from moegate.stages.ingest import (
     IngestError,
     chunk_document,
     embed_cached,
     ingest,
     token_windows,
 )
-from moegate.layout import Layout
 
 DIM = 8
 

@@ -23,7 +23,7 @@ from test_synthesize import EXPERT, demo_texts, write_inputs
 
 from moegate.config import load
 from moegate.layout import Layout
-from moegate.synthesize import synthesize
+from moegate.stages.synthesize import synthesize
 
 pytestmark = pytest.mark.slow
 

@@ -43,10 +43,10 @@ def test_post_deploy_installs_moegate_with_its_dependencies():
 
 def test_a_wheel_install_validates_a_config(tmp_path):
     """A non-editable install (a wheel) ships the config schema: config.load works without the checkout."""
+    import shutil
     import subprocess
     import sys
-
-    import shutil
+    import zipfile
 
     # built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
     source, wheels, site = tmp_path / "source", tmp_path / "wheels", tmp_path / "site"
@@ -56,9 +56,16 @@ def test_a_wheel_install_validates_a_config(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(wheels), str(source)], check=True, cwd=tmp_path)
     (wheel,) = wheels.glob("moegate-*.whl")
+    # every module of the package, the stages/ and models/ subpackages included, and the schema
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {n for n in zf.namelist() if n.startswith("moegate/")}
+    package = ROOT / "src" / "moegate"
+    expected = {f"moegate/{p.relative_to(package).as_posix()}" for p in package.rglob("*")
+                if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts}
+    assert expected <= shipped and "moegate/config.schema.yaml" in shipped, sorted(expected - shipped)
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, cwd=tmp_path)
-    probe = ("import moegate, moegate.config as c, moegate.tune.workers, sys; "  # the tune subpackage too
+    probe = ("import moegate, moegate.config as c, moegate.stages.tune.workers, sys; "  # a subpackage too
              "assert moegate.__file__.startswith(sys.argv[1]), moegate.__file__; "
              "cfg = c.load(sys.argv[2]); print(cfg['router']['encoder_mode'])")
     out = subprocess.run([sys.executable, "-c", probe, str(site), str(ROOT / "config.yaml")],

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
 
-from moegate.dact import DactRouterModel, HeadConfig
+from moegate.models.dact import DactRouterModel, HeadConfig
 from moegate.router import (
     FORMAT_VERSION,
     MODEL_TYPE,

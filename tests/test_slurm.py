@@ -7,9 +7,9 @@ partitions in the environment (MOEGATE_*) and only CI timings on the command lin
 read back from Slurm's own accounting (sacct), never from Snakemake's word for it.
 
 Without the Debian packages or root the Slurm tests skip with the reason (under CI=true they fail:
-see conftest.service_unavailable); the profile test needs neither. The toy workflow and the submitit
-array take well under a minute each; the whole DAG with a cancelled job and its rerun takes minutes:
-marked slow (``make test-slurm``).
+see conftest.service_unavailable); the profile test needs neither. The toy workflow takes well under a
+minute; the whole DAG with a cancelled job and its rerun takes minutes: marked slow (``make
+test-slurm``).
 """
 
 from __future__ import annotations
@@ -418,55 +418,21 @@ def test_whole_dag_ran_as_slurm_jobs_with_a_gpu_for_each_gpu_rule(scenario):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_no_optuna_trial_is_lost_or_left_running(scenario):
+    from moegate.storage import OWNER_KEY
+
     s = scenario
     config = yaml.safe_load(TEST_CONFIG.read_text())
+    # each trial names the Slurm job that ran it: a tune_worker job of one of the two runs
+    worker_jobs = {j["JobIDRaw"] for j in s.jobs_a + s.jobs_b if job_key(j)[0] == "tune_worker"}
     for study in ("backbone", "submodels", "training", "lambda"):
-        states = Counter(t.state.name for t in tuning_trials(s.results, study))
+        trials = tuning_trials(s.results, study)
+        states = Counter(t.state.name for t in trials)
         assert states.get("RUNNING", 0) == 0, (study, states)
         assert states["COMPLETE"] == config["tuning"][study]["n_trials"], (study, states)
+        owners = {str(t.user_attrs[OWNER_KEY]["slurm_job_id"]) for t in trials if t.state.name == "COMPLETE"}
+        assert owners <= worker_jobs, (study, owners, worker_jobs)
     trials = tuning_trials(s.results, "backbone")
     killed = next(t for t in trials if t.number == s.killed_trial)
     assert killed.state.name == "FAIL", killed
     assert any(t.state.name == "COMPLETE" and t.params == killed.params for t in trials), \
         [(t.number, t.state.name, t.params) for t in trials]
-
-
-@pytest.mark.slurm
-def test_submitit_tuning_workers_run_as_a_slurm_job_array(slurm, tmp_path, tiny_bert_dir):
-    """``moegate tune launch backbone --workers 2`` (launcher slurm) on a labelled dataset and the tiny backbone."""
-    from conftest import tiny_questions
-
-    from moegate.config import load
-    from moegate.dataset import dataset
-
-    csv = tmp_path / "questions.csv"
-    csv.write_text("question,expert\n" + "".join(f'"{q}",{e}\n' for q, e in tiny_questions(per_expert=16)))
-    config = yaml.safe_load(TEST_CONFIG.read_text())
-    config.update(results=str(tmp_path / "results"), device="auto")
-    config["dataset"] = {"labelled_csv": str(csv), "val_fraction": 0.2, "test_fraction": 0.2, "max_length": 24}
-    config["backbone"].update(model=str(tiny_bert_dir), batch_size=8)
-    config["tuning"]["backbone"]["n_trials"] = 2
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    dataset(load(path))  # the stage before tuning, here in-process
-
-    t0 = time.monotonic()
-    proc = subprocess.run([str(BIN / "moegate"), "tune", "launch", "backbone", "--config", str(path), "--workers", "2"],
-                          cwd=tmp_path, env=run_env(slurm), capture_output=True, text=True, timeout=600,
-                          check=False)
-    wall = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    tuned = yaml.safe_load((tmp_path / "results" / "tuning" / "backbone.json").read_text())
-    assert tuned["n_complete"] == 2 and tuned["params"], tuned
-    # submitit returns when the results are written; the jobs themselves end a moment later
-    array = settled_jobs(slurm, "moegate-tune-backbone")
-    ids = sorted(j["JobIDRaw"] for j in array)
-    assert len(array) == 2, array
-    # one sbatch --array: the tasks share the array's submit time, each got a GPU in the gpu partition
-    assert len({j["Submit"] for j in array}) == 1, array
-    for job in array:
-        assert job["State"] == "COMPLETED" and job["Partition"] == "gpu", job
-        assert "gres/gpu=1" in job["AllocTRES"] and job["Account"] == ACCOUNT, job
-    jobs = [j["job_id"] for j in tuned["launch"]["jobs"]]
-    assert all(re.fullmatch(r"\d+_[01]", j) for j in jobs), jobs
-    print(f"\nsubmitit array {jobs} (raw ids {ids}) in {wall:.0f} s")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from moegate.config import load
 from moegate.layout import Layout
 from moegate.questions import STOP_WORDS, OfflineQuestionWriter, clauses, key_terms
-from moegate.synthesize import QUERY_COLUMNS, SynthesizeError, build_contexts, synthesize
+from moegate.stages.synthesize import QUERY_COLUMNS, SynthesizeError, build_contexts, synthesize
 
 KEY_ENV = "MOEGATE_TEST_KEY"
 SECRET = "sk-test-SECRET-7f3a9b2c4d5e6f708192"

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moegate.backbone import BackboneClassifier, classify, load_backbone_classifier
 from moegate.io import write_json
 from moegate.layout import Layout
-from moegate.train_backbone import fit, train_backbone
+from moegate.models.backbone import BackboneClassifier, classify, load_backbone_classifier
+from moegate.stages.train_backbone import fit, train_backbone
 from moegate.training import load_tokens
 
 

@@ -12,8 +12,8 @@ import pytest
 from moegate import Router
 from moegate.io import write_json
 from moegate.layout import Layout
-from moegate.train_backbone import train_backbone
-from moegate.train_router import fit, train_router
+from moegate.stages.train_backbone import train_backbone
+from moegate.stages.train_router import fit, train_router
 from moegate.training import load_tokens
 
 
@@ -109,7 +109,7 @@ def test_backbone_trained_on_other_labels_is_a_clear_error(backbone_run):
 def _frozen(config: dict, **router) -> dict:
     import copy
 
-    from moegate.states import states
+    from moegate.stages.states import states
 
     config = copy.deepcopy(config)
     config["router"].update({"encoder_mode": "frozen", **router})
@@ -123,7 +123,7 @@ def test_frozen_router_trains_on_cached_states_and_keeps_the_pretrained_encoder(
     from safetensors.torch import load_file
 
     from moegate.encoder import resolve_model
-    from moegate.states import load_states
+    from moegate.stages.states import load_states
 
     config = _frozen(tiny_run)
     layout = Layout.from_config(config)
@@ -183,7 +183,7 @@ def test_lpft_probes_then_finetunes_the_encoder(tiny_run):
 
 
 def test_a_failed_states_stage_leaves_the_previous_cache_whole(tiny_run, monkeypatch):
-    import moegate.states as stage
+    import moegate.stages.states as stage
 
     config = _frozen(tiny_run)
     layout = Layout.from_config(config)
@@ -324,7 +324,7 @@ def _with_kb_index(config: dict, encoder: str | None = None, chunks: int = 30):
     import torch
 
     from moegate.retrieval import KBIndex
-    from moegate.states import load_states
+    from moegate.stages.states import load_states
     from moegate.training import read_labels
 
     layout = Layout.from_config(config)
@@ -351,7 +351,7 @@ def test_kb_last_layer_takes_the_kb_index_and_training_leaves_it(tiny_run):
     with pytest.raises(ConfigError, match="backbone.model"):
         train_router(config)
     index = _with_kb_index(config)
-    from moegate.train_router import fit
+    from moegate.stages.train_router import fit
 
     for mode in ("lpft", "finetune"):  # a fine-tuned encoder would leave the KB prototypes in another space
         with pytest.raises(ConfigError, match="encoder_mode: frozen"):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moegate.backbone import BackboneClassifier, ClassifierHead
 from moegate.layout import Layout
+from moegate.models.backbone import BackboneClassifier, ClassifierHead
 from moegate.training import (
     Checkpoint,
     LoopSettings,

@@ -1,4 +1,5 @@
-"""moegate.tune: shared studies, the exact budget across workers, kills and reruns, collect and the λ rule.
+"""moegate.stages.tune: shared studies, the exact budget across workers, kills and reruns, collect and the
+λ rule.
 
 Worker processes run this file as a script with a cheap sleep-based objective (no model training);
 one test at the end runs the real backbone objective on a tiny model.
@@ -20,28 +21,27 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import REPO, service_unavailable, write_config
+from conftest import REPO, write_config
 from optuna.trial import TrialState
 
 from moegate.config import ConfigError, load
 from moegate.errors import MoegateError
-from moegate.storage import OWNER_KEY, STALE_KEY, open_storage, study_name
-from moegate.studies import choose_lambda, pareto_front
-from moegate.tune import (
+from moegate.stages.tune import (
     RELEASED_KEY,
     StudySpec,
     admitted,
     budget_counts,
     collect,
     create,
-    launch,
     make_sampler,
     sampler_seed,
     suggest,
     with_params,
     worker,
 )
-from moegate.tune.workers import _Worker
+from moegate.stages.tune.workers import _Worker
+from moegate.storage import OWNER_KEY, STALE_KEY, open_storage, study_name
+from moegate.studies import choose_lambda, pareto_front
 
 SPACE = {
     "backbone.learning_rate": {"type": "float", "low": 1.0e-5, "high": 1.0e-3, "log": True},
@@ -425,20 +425,10 @@ def test_postgres_worker_killed_mid_trial_then_rerun_ends_exact_with_nothing_run
     assert postgres.password not in out
 
 
-# -- launch and the real objective --------------------------------------------------------------------
-
-def test_launch_local_runs_worker_processes_and_collects(tmp_path):
-    config = load(write_config(tmp_path, tuning={"training": {"n_trials": 0}}))
-    out = launch(config, "training", workers=2, launcher="local")
-    assert out["params"] == {} and out["launch"]["workers"] == 2
-    assert [j["returncode"] for j in out["launch"]["jobs"]] == [0, 0]
-    assert json.loads((tmp_path / "results" / "tuning" / "training.json").read_text())["launch"]["launcher"] == "local"
-    with pytest.raises(ValueError, match="--launcher must be slurm or local"):
-        launch(config, "training", workers=1, launcher="ssh")
-
+# -- the real objective ---------------------------------------------------------------------------------
 
 def test_backbone_study_with_the_real_objective_on_a_tiny_model(tiny_run, caplog):
-    caplog.set_level(logging.INFO, logger="moegate.tune")
+    caplog.set_level(logging.INFO, logger="moegate.stages.tune")
     config = tiny_run
     config["tuning"]["backbone"].update(n_trials=2, search_space={
         "backbone.learning_rate": {"type": "float", "low": 5.0e-4, "high": 2.0e-3, "log": True},
@@ -451,7 +441,7 @@ def test_backbone_study_with_the_real_objective_on_a_tiny_model(tiny_run, caplog
 
 
 def test_lambda_study_with_the_real_router_objective_on_a_tiny_model(tiny_run):
-    from moegate.train_backbone import train_backbone
+    from moegate.stages.train_backbone import train_backbone
 
     config = tiny_run
     train_backbone(config)  # the router studies train on the (tuned) backbone
@@ -465,39 +455,11 @@ def test_lambda_study_with_the_real_router_objective_on_a_tiny_model(tiny_run):
     assert len(csv) == 3
 
 
-@pytest.mark.slow
-@pytest.mark.slurm
-def test_launch_on_slurm_runs_the_workers_as_a_job_array(tiny_run, tmp_path_factory, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent / "services"))
-    from slurm import ACCOUNT, SlurmCluster, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        service_unavailable(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    try:
-        for key in ("SLURM_CONF", "PATH"):
-            monkeypatch.setenv(key, cluster.env[key])
-        config = tiny_run
-        config["tuning"]["slurm"].update(partition="gpu", account=ACCOUNT, gpus=1, time_min=10, mem_gb=2, cpus=1)
-        config["tuning"]["backbone"].update(n_trials=2, search_space={
-            "backbone.learning_rate": {"type": "float", "low": 5.0e-4, "high": 2.0e-3, "log": True}})
-        out = launch(config, "backbone", workers=2, launcher="slurm")
-        assert out["n_complete"] == 2 and out["launch"]["launcher"] == "slurm"
-        jobs = out["launch"]["jobs"]
-        assert [j["returned"] for j in jobs] == [True, True]
-        assert len({j["job_id"].split("_")[0] for j in jobs}) == 1  # one array
-        slurm_jobs = {t["worker"]["slurm_job_id"] for t in out["trials"]}
-        assert slurm_jobs <= {j["job_id"] for j in jobs} and None not in slurm_jobs
-    finally:
-        cluster.stop()
-
-
 # -- the registry of studies and the command line ----------------------------------------------------
 
 def test_the_study_registry_is_a_topological_order_every_reader_shares():
     from moegate import studies
-    from moegate.train_router import TUNED_STUDIES
+    from moegate.stages.train_router import TUNED_STUDIES
 
     assert studies.NAMES == ("backbone", "submodels", "training", "lambda")
     for i, study in enumerate(studies.STUDIES):
@@ -541,7 +503,7 @@ def test_cli_version_help_and_one_line_errors(tmp_path):
         undocumented = [p.name for p in command.params if p.name != "help" and not getattr(p, "help", None)]
         assert not undocumented, f"{' '.join(path)}: options without help: {undocumented}"
         assert runner.invoke(app, [*path[1:], "--help"]).exit_code == 0, path
-    for action in ("create", "worker", "collect", "launch"):
+    for action in ("create", "worker", "collect"):
         assert "backbone, submodels, training, lambda" in runner.invoke(app, ["tune", action, "--help"]).output
     config = write_config(tmp_path)
     for argv, message in ((["tune", "worker", "nonsense"], "error: unknown study 'nonsense'; expected one of"),

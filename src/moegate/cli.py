@@ -73,7 +73,7 @@ def main(
 @app.command()
 def ingest(expert: str = typer.Option(..., help="expert name from config.experts"), config: Path = ConfigOpt) -> None:
     """Read one expert's knowledge base into kb/{expert}.parquet."""
-    from moegate.ingest import ingest as run
+    from moegate.stages.ingest import ingest as run
 
     cfg = _config(config)
     run(cfg, _expert(cfg, expert))
@@ -82,7 +82,7 @@ def ingest(expert: str = typer.Option(..., help="expert name from config.experts
 @app.command()
 def cluster(expert: str = typer.Option(..., help="expert name from config.experts"), config: Path = ConfigOpt) -> None:
     """PCA + HDBSCAN over one expert's chunk embeddings."""
-    from moegate.cluster import cluster as run
+    from moegate.stages.cluster import cluster as run
 
     cfg = _config(config)
     run(cfg, _expert(cfg, expert))
@@ -91,7 +91,7 @@ def cluster(expert: str = typer.Option(..., help="expert name from config.expert
 @app.command()
 def synthesize(expert: str = typer.Option(..., help="expert name from config.experts"), config: Path = ConfigOpt) -> None:
     """Write likely student questions for each context of one expert's clusters."""
-    from moegate.synthesize import synthesize as run
+    from moegate.stages.synthesize import synthesize as run
 
     cfg = _config(config)
     run(cfg, _expert(cfg, expert))
@@ -100,7 +100,7 @@ def synthesize(expert: str = typer.Option(..., help="expert name from config.exp
 @app.command()
 def dataset(config: Path = ConfigOpt) -> None:
     """Merge, deduplicate, split (grouped by context) and tokenize the queries."""
-    from moegate.dataset import dataset as run
+    from moegate.stages.dataset import dataset as run
 
     run(_config(config))
 
@@ -108,7 +108,7 @@ def dataset(config: Path = ConfigOpt) -> None:
 @app.command()
 def states(config: Path = ConfigOpt) -> None:
     """Cache every dataset row's per-layer pooled states under the frozen encoder."""
-    from moegate.states import states as run
+    from moegate.stages.states import states as run
 
     run(_config(config))
 
@@ -116,7 +116,7 @@ def states(config: Path = ConfigOpt) -> None:
 @app.command("train-backbone")
 def train_backbone(config: Path = ConfigOpt) -> None:
     """Fine-tune the backbone classifier (resumes from its last checkpoint)."""
-    from moegate.train_backbone import train_backbone as run
+    from moegate.stages.train_backbone import train_backbone as run
 
     run(_config(config))
 
@@ -156,7 +156,7 @@ app.add_typer(tune_app, name="tune")
 @tune_app.command("create")
 def tune_create(study: str = _study_argument(), config: Path = ConfigOpt) -> None:
     """Create the study in the storage (once, before its workers start): the tune_create rule."""
-    from moegate import tune as tuning
+    from moegate.stages import tune as tuning
 
     tuning.create(_config(config), study)
 
@@ -169,7 +169,7 @@ def tune_worker(
     config: Path = ConfigOpt,
 ) -> None:
     """Run one worker in this process until the study's shared budget is met: the tune_worker rule."""
-    from moegate import tune as tuning
+    from moegate.stages import tune as tuning
 
     tuning.worker(_config(config), study, index)
 
@@ -177,28 +177,15 @@ def tune_worker(
 @tune_app.command("collect")
 def tune_collect(study: str = _study_argument(), config: Path = ConfigOpt) -> None:
     """Write tuning/{study}.json (λ: also its Pareto table and plot) from the finished study: the collect rule."""
-    from moegate import tune as tuning
+    from moegate.stages import tune as tuning
 
     tuning.collect(_config(config), study)
-
-
-@tune_app.command("launch")
-def tune_launch(
-    study: str = _study_argument(),
-    config: Path = ConfigOpt,
-    workers: Optional[int] = typer.Option(None, min=1, help="how many workers to run (default tuning.workers)"),
-    launcher: str = typer.Option("slurm", help="slurm (a submitit job array) | local (processes on this machine)"),
-) -> None:
-    """Create the study, run N workers, wait, and collect: a study by hand, outside Snakemake."""
-    from moegate import tune as tuning
-
-    tuning.launch(_config(config), study, workers=workers, launcher=launcher, config_path=config)
 
 
 @app.command("train-router")
 def train_router(config: Path = ConfigOpt) -> None:
     """Train the DACT router from the fine-tuned backbone and the tuned values."""
-    from moegate.train_router import train_router as run
+    from moegate.stages.train_router import train_router as run
 
     run(_config(config))
 
@@ -206,7 +193,7 @@ def train_router(config: Path = ConfigOpt) -> None:
 @app.command()
 def evaluate(config: Path = ConfigOpt) -> None:
     """Score the router, its full-depth self and the backbone on the test split."""
-    from moegate.evaluate import evaluate as run
+    from moegate.stages.evaluate import evaluate as run
 
     run(_config(config))
 

@@ -30,6 +30,12 @@ RENAMED = {
     "router.lambda_": "router.ponder_cost",
     "router.lambda_grid": "router.ponder_cost_grid",
 }
+# removed keys, old dotted key -> why: a config that still sets one is read without it, with a
+# FutureWarning (an old run config keeps working); the schema no longer knows them
+REMOVED = {
+    "tuning.slurm": "moegate tune launch is gone: Snakemake's Slurm executor runs the tune_worker jobs "
+                    "(resources in rules/tune.smk and slurm_profile/)",
+}
 
 
 class ConfigError(MoegateError, ValueError):
@@ -140,10 +146,12 @@ def current_key(dotted: str, source: str = "config") -> str:
 
 
 def rename_deprecated(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Move renamed keys (:data:`RENAMED`) to their new names, in place, before schema validation.
+    """Move renamed keys (:data:`RENAMED`) to their new names and drop removed ones (:data:`REMOVED`), in
+    place, before schema validation.
 
     The config's own keys and the keys of every ``tuning.<study>.search_space``. Each old key found
-    gives a FutureWarning naming the old and the new key; both set at once is a ConfigError.
+    gives a FutureWarning naming the old and the new key (or why it was removed); both an old and its
+    new key set at once is a ConfigError.
     """
     spaces = [(f"tuning.{study}.search_space", section["search_space"])
               for study, section in (config.get("tuning") or {}).items()
@@ -164,6 +172,12 @@ def rename_deprecated(config: dict[str, Any], source: str = "config") -> dict[st
                 if new in space:
                     raise ConfigError(f"{source}: {where} has both {old} (deprecated) and {new}; keep only {new}")
                 space[current_key(old, f"{source}: {where}")] = space.pop(old)
+    for old, why in REMOVED.items():
+        if get_dotted(config, old, absent) is not absent:
+            parent, leaf = old.rsplit(".", 1)
+            del get_dotted(config, parent)[leaf]
+            warnings.warn(f"{source}: {old} is no longer read and was ignored ({why}); remove it",
+                          FutureWarning, stacklevel=2)
     return config
 
 

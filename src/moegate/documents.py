@@ -2,7 +2,7 @@
 
 Removes front matter, HTML comments and hidden blocks, tags, kramdown attribute lists, image links
 and link targets, emphasis and escapes; renders MathML to readable text (``x^2``, ``a/b``, accents).
-Used by the ingest stage (:mod:`moegate.ingest`) for experts whose ``source`` is a folder of documents.
+Used by the ingest stage (:mod:`moegate.stages.ingest`) for experts whose ``source`` is a folder of documents.
 """
 
 from __future__ import annotations

@@ -40,9 +40,9 @@ import torch
 from moegate import __version__
 from moegate.abstain import KB_INDEX_FILE, SCORES
 from moegate.abstain import kb_similarity as similarity_to_kb
-from moegate.dact import EXIT_RULE, EXIT_RULES, DactRouterModel, HeadConfig
 from moegate.errors import MoegateError
 from moegate.io import atomic_dir, pinned_dir, read_json, wait_for_swap, write_json, write_text
+from moegate.models.dact import EXIT_RULE, EXIT_RULES, DactRouterModel, HeadConfig
 
 log = logging.getLogger(__name__)
 
@@ -637,7 +637,7 @@ def _load_kb_index(path: Path, config: dict, model: DactRouterModel):
 
 
 def _check_exit_rule(path: Path, rule) -> None:
-    """The exit rule config.json records must be one :func:`moegate.dact.exit_condition` implements,
+    """The exit rule config.json records must be one :func:`moegate.models.dact.exit_condition` implements,
     word for word: a router trained for another rule would exit where its training did not expect."""
     name = rule.get("name") if isinstance(rule, dict) else rule
     known = ", ".join(repr(k) for k in EXIT_RULES)

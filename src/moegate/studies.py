@@ -89,7 +89,7 @@ def _check() -> None:
 _check()
 
 
-# -- the λ study's rule (also the λ sweep's, when no study ran: moegate.train_router.sweep_lambda) --
+# -- the λ study's rule (also the λ sweep's, when no study ran: moegate.stages.train_router.sweep_lambda) --
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points (accuracy ↑, mean layers ↓) no other point dominates, in input order."""
     front = []

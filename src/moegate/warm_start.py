@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from moegate.dact import DactRouterModel, HeadConfig
 from moegate.io import atomic_dir
 from moegate.layout import Layout
+from moegate.models.dact import DactRouterModel, HeadConfig
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ class SlurmCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for clients (sbatch, squeue, snakemake, submitit) talking to this cluster."""
+        """Environment for clients (sbatch, squeue, snakemake) talking to this cluster."""
         env = dict(os.environ)
         env["SLURM_CONF"] = str(self.conf)
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"

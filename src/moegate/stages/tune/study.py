@@ -1,10 +1,10 @@
 """What a study is: its settings from ``tuning.<study>``, its search space, sampler and pruner, and its
 creation in the shared storage.
 
-Study creation: :func:`create` makes the study once before any worker starts (:func:`moegate.tune.launch`
-and the ``tune_create`` rule call it); every worker also calls :func:`load_study`, which only loads the
-study when it exists and survives two workers creating it at once (Optuna's load_if_exists, plus a retry
-while an empty PostgreSQL gets its tables, see :mod:`moegate.storage`). A study keeps the search space
+Study creation: :func:`create` makes the study once before any worker starts (the ``tune_create`` rule
+calls it); every worker also calls :func:`load_study`, which only loads the study when it exists and
+survives two workers creating it at once (Optuna's load_if_exists, plus a retry while an empty
+PostgreSQL gets its tables, see :mod:`moegate.storage`). A study keeps the search space
 and metrics it was created with (:data:`SPEC_KEY`); a config that asks for others is refused.
 """
 

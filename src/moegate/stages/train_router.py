@@ -34,10 +34,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moegate.dact import DactRouterModel, HeadConfig, exit_from_output
 from moegate.encoder import device as pick_device
 from moegate.io import read_json
 from moegate.layout import Layout
+from moegate.models.dact import DactRouterModel, HeadConfig, exit_from_output
 from moegate.studies import NAMES
 from moegate.training import (
     Checkpoint,
@@ -110,7 +110,7 @@ def calibrate_abstain(config: dict, model: DactRouterModel, labels: list[str], d
     encoder's StateSplits of train and val (else the states are computed with ``model``).
     """
     from moegate.abstain import abstain_rate, kb_index_from_states, kb_similarity, threshold_for_rate
-    from moegate.states import StateSplit, compute_states
+    from moegate.stages.states import StateSplit, compute_states
 
     layout = Layout.from_config(config)
     section = config["router"]["abstain"]
@@ -242,7 +242,7 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
     """
     from transformers import AutoTokenizer
 
-    from moegate.states import load_states, prototype_rows
+    from moegate.stages.states import load_states, prototype_rows
 
     t0 = time.perf_counter()
     layout = Layout.from_config(config)
@@ -294,7 +294,7 @@ def fit(config: dict, out_dir: str | Path | None = None, trial=None,
         for split in data.values():
             check_tokens(split, len(labels), vocab, source)
         if mode == "finetune" and model.head_config.classifier == "prototypes":
-            from moegate.states import StateSplit, compute_states
+            from moegate.stages.states import StateSplit, compute_states
 
             kinds = pd.read_parquet(layout.split("train"), columns=["kind"])["kind"]
             pooled = compute_states(model, data["train"], torch.device("cpu"), desc="prototype states")

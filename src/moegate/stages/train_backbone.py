@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moegate.backbone import BackboneClassifier, ClassifierHead, classify, save_backbone
 from moegate.encoder import device as pick_device
 from moegate.encoder import resolve_model
 from moegate.layout import Layout
+from moegate.models.backbone import BackboneClassifier, ClassifierHead, classify, save_backbone
 from moegate.studies import trained_by
 from moegate.training import (
     Checkpoint,

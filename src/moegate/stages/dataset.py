@@ -286,7 +286,7 @@ def kb_windows(config: dict, layout: Layout, chunk_row: dict[str, int]) -> pd.Da
     ``chunk_row``: KB index row of each chunk id (the teacher leaves a window's own chunk out).
     Chunks that belong to no context (noise dropped by the cluster stage) give no windows.
     """
-    from moegate.synthesize import build_contexts
+    from moegate.stages.synthesize import build_contexts
 
     section = config["dataset"]["kb_windows"]
     words, stride = int(section["words"]), int(section["stride"])

@@ -13,9 +13,9 @@ from optuna.trial import FrozenTrial, TrialState
 from moegate import studies
 from moegate.io import atomic_path, save_figure, write_json
 from moegate.layout import Layout
+from moegate.stages.tune.study import StudySpec
+from moegate.stages.tune.workers import ERROR_KEY, RELEASED_KEY
 from moegate.storage import OWNER_KEY, STALE_KEY, describe, open_storage, study_name
-from moegate.tune.study import StudySpec
-from moegate.tune.workers import ERROR_KEY, RELEASED_KEY
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _best(trials: list[FrozenTrial], direction: str) -> FrozenTrial:
     return min(trials, key=lambda t: (sign * t.value, t.number))  # ties: the earlier trial
 
 
-def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
+def collect(config: dict, study: str) -> dict:
     """Write tuning/{study}.json from the finished study (a Pareto study: also {study}_pareto.csv/.png).
 
     Reads the study only; fails when fewer than ``n_trials`` trials completed (rerun the workers).
@@ -53,8 +53,6 @@ def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
                            "directions": list(spec.directions)}
     if spec.n_trials == 0:
         out.update({"n_complete": 0, "params": {}, "note": NOTE_NO_TRIALS})
-        if launch_info:
-            out["launch"] = launch_info
         if studies.get(study).pareto:
             _write_pareto(layout, [], None, spec, config)
         write_json(layout.tuned(study), out)
@@ -64,8 +62,8 @@ def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
     try:
         st = optuna.load_study(study_name=out["study"], storage=storage)
     except KeyError:
-        raise RuntimeError(f"study {out['study']} not found in {describe(config)}: run its workers first "
-                           f"(moegate tune launch {study} --workers N)") from None
+        raise RuntimeError(f"study {out['study']} not found in {describe(config)}: create it and run its "
+                           f"workers first (moegate tune create {study}; moegate tune worker {study})") from None
     trials = st.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if len(complete) < spec.n_trials:
@@ -92,8 +90,6 @@ def collect(config: dict, study: str, launch_info: dict | None = None) -> dict:
         out.update({"params": dict(best.params), "best_trial": best.number,
                     "best_value": best.value, "best_metrics": _trial_summary(best)["metrics"]})
     out["trials"] = [_trial_summary(t) for t in trials]
-    if launch_info:
-        out["launch"] = launch_info
     write_json(layout.tuned(study), out)
     log.info("tuning/%s.json: %d complete trials; params %s", study, len(complete), out["params"])
     return out

@@ -264,7 +264,8 @@ def _bidirectional_mask():
         from transformers.masking_utils import create_bidirectional_mask
     except ImportError as e:  # transformers < 5 builds masks inside each model; we call layers directly
         raise ImportError(
-            "moegate.dact needs transformers >= 5 (transformers.masking_utils.create_bidirectional_mask)"
+            "moegate.models.dact needs transformers >= 5 "
+            "(transformers.masking_utils.create_bidirectional_mask)"
         ) from e
     return create_bidirectional_mask
 

@@ -2,7 +2,7 @@
 
 With ``router.encoder_mode`` frozen (or lpft's first stage) the encoder never changes, so all it
 contributes to training is each row's pooled state after every layer. This stage computes them once
-with the router's own layer-by-layer code (:meth:`moegate.dact.DactRouterModel.states`), and the DACT
+with the router's own layer-by-layer code (:meth:`moegate.models.dact.DactRouterModel.states`), and the DACT
 units then train on the cache: an epoch, and a tuning trial, cost seconds instead of encoder passes.
 
 In:  ``dataset/tokenized/{split}.safetensors`` (input_ids, attention_mask, labels, teacher?),
@@ -105,8 +105,8 @@ def states(config: dict) -> dict:
 def _states(config: dict, layout: Layout) -> dict:
     from safetensors.torch import save_file
 
-    from moegate.dact import DactRouterModel, HeadConfig
     from moegate.encoder import device as pick_device
+    from moegate.models.dact import DactRouterModel, HeadConfig
     from moegate.training import read_labels
 
     t0 = time.perf_counter()

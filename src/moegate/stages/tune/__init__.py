@@ -8,18 +8,15 @@ storage of :mod:`moegate.storage` (journal file or RDB), which also fails and re
 
 One module per step, in the order a study runs (the rules tune_create → tune_worker → tune_collect):
 
-- :mod:`moegate.tune.study`: what a study is (:class:`StudySpec`), its search space, sampler and pruner;
-  :func:`create` it in the storage once.
-- :mod:`moegate.tune.workers`: :func:`worker`, the ask-and-tell loop N processes run on the shared study,
-  and the exact budget (admission check) they keep.
-- :mod:`moegate.tune.results`: :func:`collect` the finished study into ``tuning/{study}.json``.
-- :mod:`moegate.tune.launchers`: :func:`launch` N workers outside Snakemake (local processes or a Slurm
-  array via submitit), then collect.
+- :mod:`moegate.stages.tune.study`: what a study is (:class:`StudySpec`), its search space, sampler and
+  pruner; :func:`create` it in the storage once.
+- :mod:`moegate.stages.tune.workers`: :func:`worker`, the ask-and-tell loop N processes run on the
+  shared study, and the exact budget (admission check) they keep.
+- :mod:`moegate.stages.tune.results`: :func:`collect` the finished study into ``tuning/{study}.json``.
 """
 
-from moegate.tune.launchers import launch
-from moegate.tune.results import NOTE_NO_TRIALS, collect
-from moegate.tune.study import (
+from moegate.stages.tune.results import NOTE_NO_TRIALS, collect
+from moegate.stages.tune.study import (
     SPEC_KEY,
     StudySpec,
     create,
@@ -30,7 +27,7 @@ from moegate.tune.study import (
     suggest,
     with_params,
 )
-from moegate.tune.workers import (
+from moegate.stages.tune.workers import (
     ERROR_KEY,
     OBJECTIVES,
     RELEASED_KEY,
@@ -42,6 +39,6 @@ from moegate.tune.workers import (
 
 __all__ = [
     "ERROR_KEY", "NOTE_NO_TRIALS", "OBJECTIVES", "RELEASED_KEY", "SPEC_KEY", "Objective", "StudySpec",
-    "admitted", "budget_counts", "collect", "create", "launch", "load_study", "make_pruner", "make_sampler",
+    "admitted", "budget_counts", "collect", "create", "load_study", "make_pruner", "make_sampler",
     "sampler_seed", "suggest", "with_params", "worker",
 ]

@@ -31,6 +31,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from moegate import studies
+from moegate.stages.tune.study import (
+    StudySpec,
+    load_study,
+    make_pruner,
+    make_sampler,
+    sampler_seed,
+    suggest,
+    with_params,
+)
 from moegate.storage import (
     HEARTBEAT_KEY,
     OWNER_KEY,
@@ -40,15 +49,6 @@ from moegate.storage import (
     describe,
     open_storage,
     recover_stale_trials,
-)
-from moegate.tune.study import (
-    StudySpec,
-    load_study,
-    make_pruner,
-    make_sampler,
-    sampler_seed,
-    suggest,
-    with_params,
 )
 from moegate.tuned import apply_tuned
 
@@ -63,13 +63,13 @@ Objective = Callable[[dict, "optuna.Trial | None"], dict]
 # -- the objective of each study --------------------------------------------------------------------
 
 def _fit_backbone(config: dict, trial: optuna.Trial | None) -> dict:
-    from moegate.train_backbone import fit
+    from moegate.stages.train_backbone import fit
 
     return fit(config, trial=trial)
 
 
 def _fit_router(config: dict, trial: optuna.Trial | None) -> dict:
-    from moegate.train_router import fit
+    from moegate.stages.train_router import fit
 
     return fit(config, trial=trial)
 

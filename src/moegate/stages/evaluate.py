@@ -40,10 +40,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moegate.backbone import BackboneClassifier, classify, load_backbone_classifier
 from moegate.encoder import device as pick_device
 from moegate.io import read_text_csv, save_figure, write_json
 from moegate.layout import Layout
+from moegate.models.backbone import BackboneClassifier, classify, load_backbone_classifier
 from moegate.training import TokenSplit, load_tokens, read_labels, to_device
 
 log = logging.getLogger(__name__)
