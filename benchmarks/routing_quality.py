@@ -24,7 +24,8 @@ was built with a variant's dataset settings and already holds what a recipe need
   frozen_prototypes  frozen    prototypes  questions            0
   +kb_windows        frozen    prototypes  windows              0
   +teacher           frozen    prototypes  windows_teacher      1
-  +kb_last_layer     frozen    prototypes  windows_teacher      1   (router.head.last_layer: kb)
+  +kb_last_layer     frozen    prototypes  windows_teacher      1   (router.head.last_layer: kb, kb_scale learned)
+  +kb_scale          frozen    prototypes  windows_teacher      1   (last_layer: kb, kb_scale: 100, fixed)
   lpft               lpft      prototypes  windows_teacher      1
   llm_questions      frozen    prototypes  llm_windows_teacher  1   (only with --llm-results)
 
@@ -120,9 +121,11 @@ class Recipe:
         return self.mode in ("finetune", "lpft")
 
 
-def _router(mode: str, classifier: str, teacher_weight: float, last_layer: str = "trained") -> dict:
+def _router(mode: str, classifier: str, teacher_weight: float, last_layer: str = "trained",
+            kb_scale: float | None = None) -> dict:
     return {"router.encoder_mode": mode, "router.head.classifier": classifier,
-            "router.teacher_weight": float(teacher_weight), "router.head.last_layer": last_layer}
+            "router.teacher_weight": float(teacher_weight), "router.head.last_layer": last_layer,
+            "router.head.kb_scale": kb_scale, "router.label_weight": 1.0}
 
 
 RECIPES = [
@@ -132,6 +135,7 @@ RECIPES = [
     Recipe("+kb_windows", "windows", _router("frozen", "prototypes", 0)),
     Recipe("+teacher", "windows_teacher", _router("frozen", "prototypes", 1)),
     Recipe("+kb_last_layer", "windows_teacher", _router("frozen", "prototypes", 1, "kb")),
+    Recipe("+kb_scale", "windows_teacher", _router("frozen", "prototypes", 1, "kb", 100.0)),
     Recipe("lpft", "windows_teacher", _router("lpft", "prototypes", 1)),
     Recipe("llm_questions", "llm_windows_teacher", _router("frozen", "prototypes", 1), needs_llm=True),
 ]

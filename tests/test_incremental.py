@@ -95,6 +95,12 @@ def test_adding_an_expert_leaves_the_old_experts_rows_and_embeds_only_the_new_te
     teacher = rowcache.read([layout.row_embeddings_cache], {}, "values")[1]
     assert teacher is not None and len(teacher) == report["rows_out"]
 
+    # removing an expert again: its cached KB goes too
+    assert layout.kb_vectors_cache("dsci_vis_510").is_file()
+    report = dataset(_dataset_config(tmp_path, ["dsci_101", "dsci_dl_510"]))
+    assert sorted(report["cache"]["kb_index"]) == ["dsci_101", "dsci_dl_510"]
+    assert not layout.kb_vectors_cache("dsci_vis_510").exists() and layout.kb_vectors_cache("dsci_101").is_file()
+
 
 # -- states: the last run's rows are not run through the encoder again -----------------------------------
 def _frozen(config: dict, experts: list[str] | None = None, **router) -> dict:

@@ -58,7 +58,12 @@ class Layout:
     def kb_vectors_cache(self, expert: str) -> Path:
         """An expert's KB chunks embedded with ``encoder.model`` for the KB index, keyed by the KB's
         content and the encoder: adding an expert embeds only the new KB (:mod:`moegate.rowcache`)."""
-        return self.results / "cache" / "kb_index" / f"{expert}.safetensors"
+        return self.kb_vectors_caches / f"{expert}.safetensors"
+
+    @property
+    def kb_vectors_caches(self) -> Path:
+        """The folder of every expert's :meth:`kb_vectors_cache`."""
+        return self.results / "cache" / "kb_index"
 
     @property
     def row_embeddings_cache(self) -> Path:

@@ -120,7 +120,8 @@ def build_index(config: dict, labels: list[str], layout: Layout | None = None, c
 
     ``cache``: chunks embedded again are kept per expert in ``results/cache/kb_index/`` (keyed by their
     text, under the same encoder and max length), so a rebuild after an expert was added embeds only
-    the new KB. ``stats``: filled with {expert: {"chunks", "reused"}}.
+    the new KB; a cached expert that is no longer in ``labels`` is deleted. ``stats``: filled with
+    {expert: {"chunks", "reused"}}.
     """
     from moegate import rowcache
     from moegate.encoder import embed
@@ -151,6 +152,11 @@ def build_index(config: dict, labels: list[str], layout: Layout | None = None, c
         vectors.append(v.astype(np.float32))
         experts += [i] * len(v)
         ids += kb["id"].astype(str).tolist()
+    if cache:  # a removed expert's cached KB goes with it (adding it back embeds its KB again)
+        for path in layout.kb_vectors_caches.glob("*.safetensors"):
+            if path.stem not in labels:
+                path.unlink()
+                log.info("retrieval index: %s is no longer an expert; removed its cached KB %s", path.stem, path)
     dim = vectors[0].shape[1] if vectors else 0
     return KBIndex(torch.from_numpy(np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)),
                    torch.tensor(experts, dtype=torch.long), ids, list(labels), enc["model"])
